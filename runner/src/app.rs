@@ -1,0 +1,142 @@
+//! The run, from resolved settings to an exit code.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cli::Settings;
+use crate::exit;
+use crate::plugin;
+use crate::pool::{self, OutputMode, PoolOptions, RecordSink};
+use crate::results::TaskRecord;
+use crate::spawn::WorkerLimits;
+
+/// Writes records as JSON lines to a file or stdout.
+pub struct ResultsWriter {
+    out: BufWriter<Box<dyn Write>>,
+    line: Vec<u8>,
+}
+
+impl ResultsWriter {
+    /// Creates (or truncates) the results file; `-` is stdout.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be created.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let out: Box<dyn Write> = if path == Path::new("-") {
+            Box::new(io::stdout())
+        } else {
+            Box::new(File::create(path)?)
+        };
+        Ok(Self {
+            out: BufWriter::with_capacity(256 * 1024, out),
+            line: Vec::with_capacity(1024),
+        })
+    }
+}
+
+impl RecordSink for ResultsWriter {
+    fn record(&mut self, record: &TaskRecord) -> io::Result<()> {
+        self.line.clear();
+        record.write_json_line(&mut self.line);
+        self.out.write_all(&self.line)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Drops records; used when no `--results` is given.
+struct NoResults;
+
+impl RecordSink for NoResults {
+    fn record(&mut self, _: &TaskRecord) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs the task described by `settings`.
+///
+/// # Errors
+///
+/// Bad input, a plugin that cannot be found or built, or an I/O failure;
+/// all of them mean exit code 2.
+#[tracing::instrument(skip_all, fields(task = %settings.task))]
+pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
+    // Check everything that can be checked before any task runs and before
+    // the results file is touched: the name, the params, the plugin.
+    plugin::validate_name(&settings.task)?;
+    let total = settings.params.validate()?;
+    let library = plugin::prepare(&settings.work_dir, &settings.task)?;
+    tracing::debug!(library = %library.source.display(), "plugin snapshot ready");
+
+    let mut options = PoolOptions::new().context("cannot find the runner executable")?;
+    options.workers = settings.max_parallel;
+    options.timeout = settings.timeout;
+    options.retries = settings.retries;
+    options.grace = settings.grace;
+    options.limits = WorkerLimits {
+        memory: settings.memory_limit,
+        nice: None,
+    };
+    options.output = if settings.results_to_stdout() {
+        OutputMode::Stderr
+    } else if settings.quiet {
+        OutputMode::Quiet
+    } else {
+        OutputMode::Normal
+    };
+
+    let mut file_sink;
+    let mut no_sink = NoResults;
+    let sink: &mut dyn RecordSink = match &settings.results {
+        Some(path) => {
+            file_sink = ResultsWriter::create(path)
+                .with_context(|| format!("cannot create results file `{}`", path.display()))?;
+            &mut file_sink
+        }
+        None => &mut no_sink,
+    };
+
+    tracing::info!(
+        task = %settings.task,
+        workers = options.workers,
+        tasks = total,
+        timeout = ?options.timeout,
+        retries = options.retries,
+        memory_limit = options.limits.memory,
+        "starting run"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the event loop")?;
+    let params = settings.params.clone().spawn_reader(4096);
+    let report = runtime
+        .block_on(pool::run_pool(&library, &options, params, total, sink))
+        .context("cannot run the pool")?;
+
+    let mut stderr = io::stderr().lock();
+    let _ = report.summary.write_to(&mut stderr);
+    if let Some(error) = report.error {
+        return Err(error.into());
+    }
+    if let Some(signal) = report.interrupted {
+        let _ = writeln!(stderr, "interrupted by {}", pool::signal_name(signal));
+        return Ok(exit::interrupted(signal));
+    }
+    Ok(if report.summary.failed > 0 {
+        ExitCode::from(exit::SOME_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

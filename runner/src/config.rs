@@ -1,0 +1,238 @@
+//! The `runner.toml` model.
+//!
+//! Every key is optional; unknown keys are errors that name the key, and
+//! values of the wrong type are errors that name the key and the line.
+//!
+//! ```toml
+//! task = "sha256"
+//! max-parallel = 8
+//! timeout = "60s"
+//! retries = 2
+//! grace = "5s"
+//! memory-limit = "1G"
+//! params = "files.jsonl"   # relative to this file's folder
+//! results = "out.jsonl"    # relative to this file's folder
+//!
+//! [tasks.sha256]           # applies only when running that task
+//! timeout = "10s"
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+
+/// A duration written as people write them: `500ms`, `60s`, `2m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text).map(Self).map_err(de::Error::custom)
+    }
+}
+
+/// A size in bytes: `256M`, `1G`, `512MiB`, `1000000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl de::Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"256M\" or a number of bytes")
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                parse_size(v).map(ByteSize).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+/// Parses a duration such as `500ms`, `60s` or `2m`.
+///
+/// # Errors
+///
+/// A message saying what is wrong with the text.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration such as 500ms, 60s or 2m: {e}"))
+}
+
+/// Parses a size such as `256M`, `1G`, `64KiB` or `1000` (bytes). Suffixes
+/// are powers of 1024.
+///
+/// # Errors
+///
+/// A message saying what is wrong with the text.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || format!("`{text}` is not a size such as 256M, 1G or 1000000");
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Settings that a `[tasks.NAME]` section may override.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TaskSection {
+    /// Workers.
+    pub max_parallel: Option<usize>,
+    /// Per-attempt time limit.
+    pub timeout: Option<HumanDuration>,
+    /// Extra attempts after a retryable failure.
+    pub retries: Option<u32>,
+    /// Address-space limit per worker.
+    pub memory_limit: Option<ByteSize>,
+}
+
+/// One `runner.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    /// The task to run.
+    pub task: Option<String>,
+    /// The work dir; only in a file given with `--config`.
+    pub work_dir: Option<PathBuf>,
+    /// Params file, relative to the config file's folder.
+    pub params: Option<PathBuf>,
+    /// `A..B`.
+    pub range: Option<String>,
+    /// Results file, relative to the config file's folder.
+    pub results: Option<PathBuf>,
+    /// Workers.
+    pub max_parallel: Option<usize>,
+    /// Per-attempt time limit.
+    pub timeout: Option<HumanDuration>,
+    /// Extra attempts after a retryable failure.
+    pub retries: Option<u32>,
+    /// Time running tasks get after SIGINT or SIGTERM.
+    pub grace: Option<HumanDuration>,
+    /// Address-space limit per worker.
+    pub memory_limit: Option<ByteSize>,
+    /// Per-task overrides.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskSection>,
+}
+
+/// A config file that could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config `{}`: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid, or has unknown keys or wrong types.
+    #[error("invalid config `{}`: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with line, column and key.
+        message: String,
+    },
+}
+
+impl ConfigFile {
+    /// Reads and parses a config file; relative paths in it are made
+    /// relative to the file's folder.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the file (and the line and key for a parse
+    /// error).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        for field in [&mut config.params, &mut config.results, &mut config.work_dir] {
+            if let Some(p) = field.as_mut() {
+                if p.is_relative() && p != Path::new("-") {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse_as_people_write_them() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("banana").unwrap_err().contains("`banana`"));
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let err = toml::from_str::<ConfigFile>("retries = 1\nbogus = 2\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("bogus") && text.contains("line 2"), "{text}");
+
+        let err = toml::from_str::<ConfigFile>("timeout = 5\n").unwrap_err();
+        assert!(err.to_string().contains("timeout"), "{err}");
+
+        let err = toml::from_str::<ConfigFile>("[tasks.x]\nfoo = 1\n").unwrap_err();
+        assert!(err.to_string().contains("foo"), "{err}");
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let config: ConfigFile = toml::from_str(
+            "task = \"t\"\nmax-parallel = 3\ntimeout = \"1s\"\nmemory-limit = \"1G\"\n\
+             [tasks.t]\nretries = 0\n",
+        )
+        .unwrap();
+        assert_eq!(config.max_parallel, Some(3));
+        assert_eq!(config.timeout, Some(HumanDuration(Duration::from_secs(1))));
+        assert_eq!(config.memory_limit, Some(ByteSize(1 << 30)));
+        assert_eq!(config.tasks["t"].retries, Some(0));
+    }
+}

@@ -1,0 +1,1060 @@
+//! The supervisor: dispatch, deadlines, retries and shutdown.
+//!
+//! # Theory of operation
+//!
+//! One event loop on one thread (a current-thread tokio runtime) owns all
+//! state: the queue of tasks waiting for a worker, the workers, and the
+//! deadlines. Nothing is shared between tasks and nothing polls; the loop
+//! sleeps until one of these happens:
+//!
+//! ```text
+//!  params thread ──bounded mpsc──▶ ┌────────────┐ ──unbounded mpsc──▶ frame writer ─▶ worker
+//!  worker readers ──unbounded────▶ │ event loop │                                     │
+//!  SIGINT / SIGTERM ─────────────▶ │  (Pool)    │ ──▶ results sink                    │
+//!  earliest deadline (one sleep) ▶ └────────────┘                                     │
+//!  worker stdout/stderr ──bounded mpsc──▶ output thread ◀──────── lines ──────────────┘
+//! ```
+//!
+//! - Each worker has a reader task that decodes frames from its socket and
+//!   forwards them as events, then, once the socket ends, waits for the
+//!   process to exit and sends that too. Frames of one worker therefore
+//!   always arrive before its exit.
+//! - Each worker has a writer task fed by an unbounded channel; the loop
+//!   never waits on a socket. The channel holds at most a window of tasks.
+//! - Worker output is read line by line and written by one output thread,
+//!   so lines never interleave mid-line.
+//!
+//! A worker gets a task only after its hello. When it dies, the task it was
+//! running takes the ending (crash with the signal or exit code, timeout if
+//! the loop killed it for its deadline, lost if it broke the protocol), and
+//! is retried until its attempts are spent; tasks queued behind it on the
+//! same worker go back to the queue unchanged. A dead worker is replaced
+//! while work remains. Workers that die before their hello, again and
+//! again, stop the run: the plugin cannot even load.
+//!
+//! On the first SIGINT or SIGTERM the loop stops dispatching, closes idle
+//! workers and gives running tasks the grace period; then it kills their
+//! process groups. A second signal kills at once.
+//!
+//! CAUTION: no `.await` in an event handler. Handlers run between two
+//! `select!` wake-ups and must not wait on a worker, a file or a channel
+//! with room for only a bounded number of items, or one slow worker stalls
+//! every other.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use plugin_api::CallStatus;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::params::{ParamsError, TaskParams};
+use crate::plugin::PluginLibrary;
+use crate::protocol::{self, Hello, PROTOCOL_VERSION, TaskFrame, WorkerMessage};
+use crate::results::{Ending, EndingKind, RunSummary, TaskRecord};
+use crate::spawn::{self, WorkerLimits};
+
+/// How many workers in a row may die before their hello before the run
+/// stops.
+const UNBORN_LIMIT: u32 = 3;
+
+/// How long, after the last worker exited, output pipes held open by
+/// escaped processes are still read.
+const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
+
+/// Where the workers' stdout goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputMode {
+    /// Task stdout to the runner's stdout, task stderr to its stderr.
+    #[default]
+    Normal,
+    /// Both to the runner's stderr (stdout carries results).
+    Stderr,
+    /// Task stdout dropped; task stderr to the runner's stderr.
+    Quiet,
+}
+
+/// Options of one pool run.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// The most workers alive at once.
+    pub workers: usize,
+    /// Per-attempt time limit.
+    pub timeout: Option<Duration>,
+    /// Extra attempts after a retryable failure.
+    pub retries: u32,
+    /// Time running tasks get after the first SIGINT or SIGTERM.
+    pub grace: Duration,
+    /// Limits applied to each worker.
+    pub limits: WorkerLimits,
+    /// The executable started as a worker (the runner itself by default).
+    pub executable: PathBuf,
+    /// Where task output goes.
+    pub output: OutputMode,
+    /// Tasks sent ahead to each worker; at least 1.
+    pub window: usize,
+    /// Whether SIGINT and SIGTERM are handled by the pool.
+    pub handle_signals: bool,
+}
+
+impl PoolOptions {
+    /// Defaults: one worker per CPU, no timeout, 2 retries, 5 s grace.
+    ///
+    /// # Errors
+    ///
+    /// When the path of the running executable cannot be found.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            timeout: None,
+            retries: 2,
+            grace: Duration::from_secs(5),
+            limits: WorkerLimits::default(),
+            executable: std::env::current_exe()?,
+            output: OutputMode::Normal,
+            window: 1,
+            handle_signals: true,
+        })
+    }
+}
+
+/// Receives each finished task's record.
+pub trait RecordSink {
+    /// Takes one record.
+    ///
+    /// # Errors
+    ///
+    /// A write error stops the run.
+    fn record(&mut self, record: &TaskRecord) -> io::Result<()>;
+
+    /// Makes the records taken so far durable; called after each batch of
+    /// events.
+    ///
+    /// # Errors
+    ///
+    /// A write error stops the run.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// Why a run stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The plugin refused to load in a worker.
+    #[error("the plugin `{}` cannot be used: {message}", library.display())]
+    PluginLoad {
+        /// The library.
+        library: PathBuf,
+        /// What the worker reported.
+        message: String,
+    },
+    /// Workers kept dying before they were ready.
+    #[error(
+        "the plugin `{}` kills its worker before it is ready ({count} workers in a row; \
+         the last {status})", library.display()
+    )]
+    Unborn {
+        /// The library.
+        library: PathBuf,
+        /// How many died in a row.
+        count: u32,
+        /// How the last one ended.
+        status: String,
+    },
+    /// A worker process could not be started.
+    #[error("cannot start a worker `{}`: {source}", executable.display())]
+    Spawn {
+        /// The executable.
+        executable: PathBuf,
+        /// The error from fork or exec.
+        #[source]
+        source: io::Error,
+    },
+    /// The params stream failed.
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    /// Writing a record failed.
+    #[error("cannot write results: {0}")]
+    Results(#[source] io::Error),
+    /// A worker spoke another protocol version.
+    #[error("worker pid {pid} speaks protocol version {theirs}, this runner {PROTOCOL_VERSION}")]
+    Protocol {
+        /// The worker's pid.
+        pid: u32,
+        /// Its version.
+        theirs: u32,
+    },
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct PoolReport {
+    /// The counts.
+    pub summary: RunSummary,
+    /// The signal that interrupted the run, if one did.
+    pub interrupted: Option<i32>,
+    /// The plugin as its first worker described it.
+    pub plugin: Option<Hello>,
+    /// The error that stopped the run early, if one did. Every task that
+    /// finished before it is recorded.
+    pub error: Option<PoolError>,
+}
+
+/// A task waiting for, or running on, a worker.
+#[derive(Debug)]
+struct Task {
+    params: TaskParams,
+    attempts: u32,
+    endings: Vec<Ending>,
+}
+
+/// Why the loop killed a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KillReason {
+    Timeout(Duration),
+    Lost(String),
+    Shutdown,
+}
+
+/// The supervisor's view of one worker.
+#[derive(Debug)]
+struct WorkerSlot {
+    /// Process id, also the process group id.
+    pid: u32,
+    /// Frames to the writer task. `None` once the worker is being closed:
+    /// dropping the sender ends the writer, which shuts the socket, which
+    /// makes the worker exit.
+    frames: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// Whether the hello arrived. No task is sent before it.
+    ready: bool,
+    /// Tasks sent, oldest (running) first.
+    in_flight: VecDeque<Task>,
+    /// When the front task started, as far as the supervisor can tell.
+    running_since: Instant,
+    /// Set when the loop killed the worker; decides the running task's
+    /// ending when the exit arrives.
+    killed: Option<KillReason>,
+    /// What the reader saw when the socket ended, if it ended first.
+    broken: Option<String>,
+}
+
+#[derive(Debug)]
+enum WorkerEventKind {
+    Message(WorkerMessage),
+    Broken(String),
+    Exited(io::Result<ExitStatus>),
+}
+
+#[derive(Debug)]
+struct WorkerEvent {
+    worker: u64,
+    kind: WorkerEventKind,
+}
+
+/// Which of the runner's streams a line goes to.
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Describes how a process ended, as "killed by signal 11 (SIGSEGV)" or
+/// "exited with code 3".
+pub fn describe_status(status: ExitStatus) -> String {
+    if let Some(signal) = status.signal() {
+        let core = if status.core_dumped() { ", core dumped" } else { "" };
+        format!("killed by signal {signal} ({}{core})", signal_name(signal))
+    } else if let Some(code) = status.code() {
+        format!("exited with code {code}")
+    } else {
+        format!("ended with {status}")
+    }
+}
+
+/// The conventional name of a signal number.
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGSYS => "SIGSYS",
+        _ => "unknown signal",
+    }
+}
+
+/// Runs every task from `params` on a pool of workers.
+///
+/// `total`, when known, keeps the pool from starting more workers than there
+/// are tasks. Records reach `sink` as tasks finish, in the order they
+/// finish.
+///
+/// # Errors
+///
+/// Only errors from before the first worker (setting up signal handlers).
+/// Errors during the run come back in [`PoolReport::error`], after every
+/// task that finished was recorded.
+pub async fn run_pool(
+    library: &PluginLibrary,
+    options: &PoolOptions,
+    params: mpsc::Receiver<Result<TaskParams, ParamsError>>,
+    total: Option<u64>,
+    sink: &mut dyn RecordSink,
+) -> io::Result<PoolReport> {
+    let mut pool = Pool::new(library, options, params, total, sink);
+    pool.drive().await?;
+    Ok(pool.finish().await)
+}
+
+struct Pool<'a> {
+    library: &'a PluginLibrary,
+    options: &'a PoolOptions,
+    sink: &'a mut dyn RecordSink,
+    params: Option<mpsc::Receiver<Result<TaskParams, ParamsError>>>,
+    /// Tasks waiting for a worker; retries go to the front.
+    queue: VecDeque<Task>,
+    /// How many tasks to hold in the queue at most.
+    queue_target: usize,
+    /// The most workers this run needs.
+    worker_target: usize,
+    workers: HashMap<u64, WorkerSlot>,
+    next_worker: u64,
+    events_tx: mpsc::UnboundedSender<WorkerEvent>,
+    events_rx: mpsc::UnboundedReceiver<WorkerEvent>,
+    output_tx: mpsc::Sender<(Stream, Vec<u8>)>,
+    output_thread: Option<std::thread::JoinHandle<()>>,
+    forwarders: Vec<JoinHandle<()>>,
+    /// Set when the run must end early: no task is dispatched once it is.
+    stopping: bool,
+    grace_deadline: Option<Instant>,
+    interrupted: Option<i32>,
+    error: Option<PoolError>,
+    unborn_streak: u32,
+    plugin: Option<Hello>,
+    summary: RunSummary,
+    started: Instant,
+    frame: Vec<u8>,
+}
+
+impl<'a> Pool<'a> {
+    fn new(
+        library: &'a PluginLibrary,
+        options: &'a PoolOptions,
+        params: mpsc::Receiver<Result<TaskParams, ParamsError>>,
+        total: Option<u64>,
+        sink: &'a mut dyn RecordSink,
+    ) -> Self {
+        let workers = options.workers.max(1);
+        let worker_target = match total {
+            Some(total) => workers.min(usize::try_from(total).unwrap_or(usize::MAX)),
+            None => workers,
+        };
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (output_tx, output_rx) = mpsc::channel(1024);
+        let mode = options.output;
+        let output_thread = std::thread::Builder::new()
+            .name("output".into())
+            .spawn(move || write_output(output_rx, mode))
+            .expect("the output thread can be started");
+
+        Self {
+            library,
+            options,
+            sink,
+            params: Some(params),
+            queue: VecDeque::new(),
+            queue_target: (workers * options.window.max(1)).max(64),
+            worker_target,
+            workers: HashMap::new(),
+            next_worker: 0,
+            events_tx,
+            events_rx,
+            output_tx,
+            output_thread: Some(output_thread),
+            forwarders: Vec::new(),
+            stopping: false,
+            grace_deadline: None,
+            interrupted: None,
+            error: None,
+            unborn_streak: 0,
+            plugin: None,
+            summary: RunSummary::default(),
+            started: Instant::now(),
+            frame: Vec::new(),
+        }
+    }
+
+    /// The event loop.
+    #[tracing::instrument(skip_all, name = "pool")]
+    async fn drive(&mut self) -> io::Result<()> {
+        let (mut sigint, mut sigterm) = if self.options.handle_signals {
+            (
+                Some(signal(SignalKind::interrupt())?),
+                Some(signal(SignalKind::terminate())?),
+            )
+        } else {
+            (None, None)
+        };
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+
+        loop {
+            self.fill_queue();
+            self.dispatch();
+            if self.is_done() {
+                return Ok(());
+            }
+
+            let deadline = self.next_deadline();
+            if let Some(deadline) = deadline {
+                sleep.as_mut().reset(deadline.into());
+            }
+            let wants_params = self.wants_params();
+
+            tokio::select! {
+                Some(event) = self.events_rx.recv() => self.on_events(event),
+                item = recv_params(&mut self.params), if wants_params => self.on_params(item),
+                () = &mut sleep, if deadline.is_some() => self.on_deadline(),
+                Some(()) = recv_signal(&mut sigint) => self.on_signal(libc::SIGINT),
+                Some(()) = recv_signal(&mut sigterm) => self.on_signal(libc::SIGTERM),
+            }
+        }
+    }
+
+    /// Whether the loop has nothing left to wait for.
+    fn is_done(&self) -> bool {
+        self.workers.is_empty() && (self.stopping || (self.params.is_none() && self.queue.is_empty()))
+    }
+
+    /// Whether the loop should wait for params: it has room and nothing
+    /// queued to hand out.
+    fn wants_params(&self) -> bool {
+        !self.stopping && self.params.is_some() && self.queue.is_empty()
+    }
+
+    /// Moves params that are already available into the queue.
+    fn fill_queue(&mut self) {
+        while !self.stopping && self.queue.len() < self.queue_target {
+            let Some(params) = self.params.as_mut() else {
+                return;
+            };
+            match params.try_recv() {
+                Ok(item) => self.on_params(Some(item)),
+                Err(mpsc::error::TryRecvError::Empty) => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.on_params(None),
+            }
+        }
+    }
+
+    fn on_params(&mut self, item: Option<Result<TaskParams, ParamsError>>) {
+        match item {
+            Some(Ok(params)) => self.queue.push_back(Task {
+                params,
+                attempts: 0,
+                endings: Vec::new(),
+            }),
+            Some(Err(error)) => {
+                tracing::debug!(%error, "params stream failed");
+                self.params = None;
+                self.fail(error.into(), false);
+            }
+            None => {
+                tracing::debug!("params stream ended");
+                self.params = None;
+            }
+        }
+    }
+
+    /// Stops the run for `error`; kills the workers at once when `kill`.
+    fn fail(&mut self, error: PoolError, kill: bool) {
+        if self.error.is_none() {
+            self.error = Some(error);
+        }
+        self.stopping = true;
+        if kill {
+            self.kill_all(KillReason::Shutdown);
+        }
+    }
+
+    /// Hands queued tasks to workers with room, starts workers that are
+    /// needed and closes workers that are not.
+    fn dispatch(&mut self) {
+        let no_more_work = self.stopping || (self.params.is_none() && self.queue.is_empty());
+        if no_more_work {
+            for slot in self.workers.values_mut() {
+                if slot.in_flight.is_empty() && slot.frames.is_some() {
+                    tracing::trace!(pid = slot.pid, "closing idle worker");
+                    slot.frames = None;
+                }
+            }
+            return;
+        }
+
+        let window = self.options.window.max(1);
+        for slot in self.workers.values_mut() {
+            if !slot.ready || slot.killed.is_some() {
+                continue;
+            }
+            let Some(frames) = &slot.frames else {
+                continue;
+            };
+            while slot.in_flight.len() < window {
+                let Some(mut task) = self.queue.pop_front() else {
+                    break;
+                };
+                task.attempts += 1;
+                self.frame.clear();
+                protocol::encode_task(
+                    &mut self.frame,
+                    &TaskFrame {
+                        id: task.params.index,
+                        params: &task.params.json,
+                    },
+                );
+                if slot.in_flight.is_empty() {
+                    slot.running_since = Instant::now();
+                }
+                tracing::trace!(task = task.params.index, pid = slot.pid, "dispatched");
+                // A closed channel means the writer died with the socket; the
+                // reader reports that, and the task is settled on exit.
+                let _ = frames.send(self.frame.clone());
+                slot.in_flight.push_back(task);
+            }
+        }
+
+        let live = self.workers.values().filter(|s| s.frames.is_some()).count();
+        let wanted = self.worker_target.min(live + self.queue.len().max(1));
+        for _ in live..wanted {
+            if let Err(error) = self.spawn_worker() {
+                self.fail(error, true);
+                return;
+            }
+        }
+    }
+
+    fn spawn_worker(&mut self) -> Result<(), PoolError> {
+        let spawned =
+            spawn::spawn_worker(&self.options.executable, &self.library.snapshot, self.options.limits)
+                .map_err(|source| PoolError::Spawn {
+                    executable: self.options.executable.clone(),
+                    source,
+                })?;
+        let mut child = spawned.child;
+        let pid = child.id().expect("a child that was just spawned has a pid");
+        let id = self.next_worker;
+        self.next_worker += 1;
+        self.summary.workers_started += 1;
+        tracing::debug!(pid, worker = id, "spawned worker");
+
+        let stdout = child.stdout.take().expect("stdout was piped at spawn");
+        let stderr = child.stderr.take().expect("stderr was piped at spawn");
+        self.forwarders.push(tokio::spawn(forward_lines(
+            stdout,
+            Stream::Stdout,
+            self.output_tx.clone(),
+        )));
+        self.forwarders.push(tokio::spawn(forward_lines(
+            stderr,
+            Stream::Stderr,
+            self.output_tx.clone(),
+        )));
+
+        spawned
+            .socket
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(spawned.socket))
+            .map(|socket| {
+                let (read_half, write_half) = socket.into_split();
+                let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+                tokio::spawn(write_frames(write_half, frames_rx));
+                tokio::spawn(read_worker(id, read_half, child, self.events_tx.clone()));
+                self.workers.insert(
+                    id,
+                    WorkerSlot {
+                        pid,
+                        frames: Some(frames_tx),
+                        ready: false,
+                        in_flight: VecDeque::new(),
+                        running_since: Instant::now(),
+                        killed: None,
+                        broken: None,
+                    },
+                );
+            })
+            .map_err(|source| PoolError::Spawn {
+                executable: self.options.executable.clone(),
+                source,
+            })
+    }
+
+    /// The earliest moment the loop must act without an event.
+    fn next_deadline(&self) -> Option<Instant> {
+        let timeouts = self.options.timeout.into_iter().flat_map(|timeout| {
+            self.workers
+                .values()
+                .filter(|s| s.ready && s.killed.is_none() && !s.in_flight.is_empty())
+                .map(move |s| s.running_since + timeout)
+        });
+        timeouts.chain(self.grace_deadline).min()
+    }
+
+    fn on_deadline(&mut self) {
+        let now = Instant::now();
+        if self.grace_deadline.is_some_and(|d| d <= now) {
+            tracing::warn!("grace period over; killing running tasks");
+            self.grace_deadline = None;
+            self.kill_all(KillReason::Shutdown);
+        }
+        let Some(timeout) = self.options.timeout else {
+            return;
+        };
+        for slot in self.workers.values_mut() {
+            let overdue = slot.ready
+                && slot.killed.is_none()
+                && !slot.in_flight.is_empty()
+                && slot.running_since + timeout <= now;
+            if overdue {
+                let task = slot.in_flight.front().map(|t| t.params.index);
+                tracing::info!(pid = slot.pid, task, "task timed out; killing its worker");
+                slot.killed = Some(KillReason::Timeout(timeout));
+                spawn::kill_group(slot.pid);
+            }
+        }
+    }
+
+    fn on_signal(&mut self, signal: i32) {
+        if self.interrupted.is_some() {
+            tracing::warn!(signal = signal_name(signal), "second signal; killing all workers");
+            self.kill_all(KillReason::Shutdown);
+            return;
+        }
+        let running: usize = self.workers.values().map(|s| s.in_flight.len().min(1)).sum();
+        tracing::warn!(
+            signal = signal_name(signal),
+            running,
+            grace = ?self.options.grace,
+            "stopping: no new tasks; running tasks get the grace period"
+        );
+        self.interrupted = Some(signal);
+        self.stopping = true;
+        self.params = None;
+        self.grace_deadline = Some(Instant::now() + self.options.grace);
+    }
+
+    fn kill_all(&mut self, reason: KillReason) {
+        for slot in self.workers.values_mut() {
+            slot.frames = None;
+            if slot.killed.is_none() {
+                slot.killed = Some(reason.clone());
+            }
+            spawn::kill_group(slot.pid);
+        }
+    }
+
+    /// Handles an event and every other one already waiting, then flushes
+    /// the records once.
+    fn on_events(&mut self, first: WorkerEvent) {
+        self.on_event(first);
+        for _ in 0..1024 {
+            match self.events_rx.try_recv() {
+                Ok(event) => self.on_event(event),
+                Err(_) => break,
+            }
+        }
+        if let Err(error) = self.sink.flush() {
+            self.fail(PoolError::Results(error), true);
+        }
+    }
+
+    fn on_event(&mut self, event: WorkerEvent) {
+        match event.kind {
+            WorkerEventKind::Message(WorkerMessage::Hello(hello)) => self.on_hello(event.worker, hello),
+            WorkerEventKind::Message(WorkerMessage::LoadFailed(message)) => {
+                self.fail(
+                    PoolError::PluginLoad {
+                        library: self.library.source.clone(),
+                        message,
+                    },
+                    true,
+                );
+            }
+            WorkerEventKind::Message(WorkerMessage::Done(done)) => self.on_done(event.worker, done),
+            WorkerEventKind::Broken(reason) => self.on_broken(event.worker, reason),
+            WorkerEventKind::Exited(status) => self.on_exit(event.worker, status),
+        }
+    }
+
+    fn on_hello(&mut self, worker: u64, hello: Hello) {
+        let Some(slot) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        if hello.protocol != PROTOCOL_VERSION {
+            let error = PoolError::Protocol {
+                pid: slot.pid,
+                theirs: hello.protocol,
+            };
+            self.fail(error, true);
+            return;
+        }
+        tracing::debug!(pid = slot.pid, "worker ready");
+        slot.ready = true;
+        slot.running_since = Instant::now();
+        self.unborn_streak = 0;
+        if self.plugin.is_none() {
+            tracing::info!(
+                plugin = %hello.name,
+                version = %hello.version,
+                abi = hello.abi_version,
+                "plugin loaded"
+            );
+            self.plugin = Some(hello);
+        }
+    }
+
+    fn on_done(&mut self, worker: u64, done: protocol::Done) {
+        let Some(slot) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let front = slot.in_flight.front().map(|t| t.params.index);
+        if front != Some(done.id) {
+            let reason = format!(
+                "worker pid {} answered task {} while running {front:?}",
+                slot.pid, done.id
+            );
+            tracing::warn!(%reason, "protocol violation");
+            slot.killed.get_or_insert(KillReason::Lost(reason));
+            spawn::kill_group(slot.pid);
+            return;
+        }
+        let task = slot.in_flight.pop_front().expect("front was checked");
+        slot.running_since = Instant::now();
+        let pid = slot.pid;
+        let duration = Duration::from_nanos(done.nanos);
+
+        let message = || String::from_utf8_lossy(&done.payload).into_owned();
+        let kind = match CallStatus::from_u32(done.status) {
+            Some(CallStatus::Ok) => {
+                self.finish_task(task, duration, Ok(done.payload));
+                return;
+            }
+            Some(CallStatus::Error) => EndingKind::Error,
+            Some(CallStatus::PermanentError) => EndingKind::Permanent,
+            Some(CallStatus::Panic) => EndingKind::Panic,
+            Some(CallStatus::BadParams) => EndingKind::BadParams,
+            None => {
+                let ending = Ending {
+                    kind: EndingKind::Lost,
+                    message: format!("worker pid {pid} sent unknown call status {}", done.status),
+                };
+                self.settle(task, duration, ending);
+                return;
+            }
+        };
+        let message = match kind {
+            EndingKind::Panic => format!("panicked: {}", message()),
+            EndingKind::BadParams => format!("params do not fit the task: {}", message()),
+            _ => message(),
+        };
+        self.settle(task, duration, Ending { kind, message });
+    }
+
+    fn on_broken(&mut self, worker: u64, reason: String) {
+        let Some(slot) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let expected = slot.frames.is_none() && slot.in_flight.is_empty();
+        if !expected {
+            tracing::debug!(pid = slot.pid, %reason, "worker socket ended");
+            slot.broken = Some(reason);
+            slot.frames = None;
+            // The worker cannot serve without its socket: end it, and
+            // whatever it started, so its exit arrives.
+            spawn::kill_group(slot.pid);
+        }
+    }
+
+    fn on_exit(&mut self, worker: u64, status: io::Result<ExitStatus>) {
+        let Some(mut slot) = self.workers.remove(&worker) else {
+            return;
+        };
+        // Whatever the worker left in its group dies with it.
+        spawn::kill_group(slot.pid);
+        let pid = slot.pid;
+        let described = match &status {
+            Ok(status) => describe_status(*status),
+            Err(error) => format!("could not be waited for: {error}"),
+        };
+
+        if !slot.ready {
+            if !self.stopping {
+                self.unborn_streak += 1;
+                tracing::warn!(pid, status = %described, "worker died before it was ready");
+                if self.unborn_streak >= UNBORN_LIMIT {
+                    let error = PoolError::Unborn {
+                        library: self.library.source.clone(),
+                        count: self.unborn_streak,
+                        status: described,
+                    };
+                    self.fail(error, true);
+                }
+            }
+            return;
+        }
+
+        let Some(task) = slot.in_flight.pop_front() else {
+            let clean = status.as_ref().is_ok_and(|s| s.success());
+            if !clean && slot.killed.is_none() {
+                tracing::warn!(pid, status = %described, "idle worker died");
+            } else {
+                tracing::debug!(pid, status = %described, "worker exited");
+            }
+            return;
+        };
+        let ran_for = slot.running_since.elapsed();
+        // Tasks sent behind the running one never started: back to the
+        // queue, in their order, without an attempt charged.
+        while let Some(mut waiting) = slot.in_flight.pop_back() {
+            waiting.attempts -= 1;
+            self.queue.push_front(waiting);
+        }
+
+        let ending = match slot.killed.take() {
+            Some(KillReason::Timeout(limit)) => Ending {
+                kind: EndingKind::Timeout,
+                message: format!(
+                    "ran past the timeout of {}; worker pid {pid} was killed",
+                    humantime::format_duration(limit)
+                ),
+            },
+            Some(KillReason::Lost(reason)) => Ending {
+                kind: EndingKind::Lost,
+                message: reason,
+            },
+            Some(KillReason::Shutdown) => {
+                tracing::debug!(pid, task = task.params.index, "task killed at shutdown");
+                return;
+            }
+            None => match slot.broken.take() {
+                Some(reason) if killed_by_us(&status) => Ending {
+                    kind: EndingKind::Lost,
+                    message: format!("worker pid {pid} broke its protocol socket: {reason}"),
+                },
+                _ => Ending {
+                    kind: EndingKind::Crash,
+                    message: format!("worker pid {pid} {described}"),
+                },
+            },
+        };
+        tracing::info!(
+            pid,
+            task = task.params.index,
+            ending = %ending.kind,
+            message = %ending.message,
+            "worker died running a task"
+        );
+        self.settle(task, ran_for, ending);
+    }
+
+    /// Retries a failed attempt or records the task as failed.
+    fn settle(&mut self, mut task: Task, duration: Duration, ending: Ending) {
+        let retry = ending.kind.is_retryable()
+            && task.attempts <= self.options.retries
+            && !self.stopping;
+        task.endings.push(ending.clone());
+        if retry {
+            tracing::debug!(task = task.params.index, attempt = task.attempts, "retrying");
+            self.summary.retried += 1;
+            self.queue.push_front(task);
+        } else {
+            self.finish_task(task, duration, Err(ending));
+        }
+    }
+
+    fn finish_task(&mut self, task: Task, duration: Duration, outcome: Result<Vec<u8>, Ending>) {
+        let record = TaskRecord {
+            index: task.params.index,
+            params: task.params.json,
+            attempts: task.attempts,
+            duration,
+            outcome,
+            endings: task.endings,
+        };
+        tracing::trace!(task = record.index, ok = record.is_ok(), "task finished");
+        self.summary.count(&record);
+        if let Err(error) = self.sink.record(&record) {
+            self.fail(PoolError::Results(error), true);
+        }
+    }
+
+    /// Waits for output to drain and reports.
+    async fn finish(mut self) -> PoolReport {
+        if let Err(error) = self.sink.flush() {
+            if self.error.is_none() {
+                self.error = Some(PoolError::Results(error));
+            }
+        }
+        let drain_until = tokio::time::Instant::now() + OUTPUT_DRAIN;
+        for forwarder in std::mem::take(&mut self.forwarders) {
+            let abort = forwarder.abort_handle();
+            if tokio::time::timeout_at(drain_until, forwarder).await.is_err() {
+                tracing::debug!("output pipe held open past the end of its worker; dropped");
+                abort.abort();
+            }
+        }
+        let (closed_tx, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.output_tx, closed_tx));
+        if let Some(thread) = self.output_thread.take() {
+            let _ = thread.join();
+        }
+
+        self.summary.wall = self.started.elapsed();
+        PoolReport {
+            summary: self.summary,
+            interrupted: self.interrupted,
+            plugin: self.plugin,
+            error: self.error,
+        }
+    }
+}
+
+fn killed_by_us(status: &io::Result<ExitStatus>) -> bool {
+    status
+        .as_ref()
+        .is_ok_and(|s| s.signal() == Some(libc::SIGKILL))
+        || status
+            .as_ref()
+            .is_ok_and(|s| s.code() == Some(crate::worker::EXIT_PROTOCOL))
+}
+
+async fn recv_params(
+    params: &mut Option<mpsc::Receiver<Result<TaskParams, ParamsError>>>,
+) -> Option<Result<TaskParams, ParamsError>> {
+    match params {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes queued frames to a worker; shuts the socket when the pool drops
+/// the sender.
+async fn write_frames(
+    mut socket: tokio::net::unix::OwnedWriteHalf,
+    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    while let Some(frame) = frames.recv().await {
+        if socket.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = socket.shutdown().await;
+}
+
+/// Reads a worker's frames, then waits for it to exit.
+async fn read_worker(
+    worker: u64,
+    mut socket: tokio::net::unix::OwnedReadHalf,
+    mut child: tokio::process::Child,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+) {
+    let send = |kind| {
+        let _ = events.send(WorkerEvent { worker, kind });
+    };
+    let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, &mut socket);
+    let mut body = Vec::new();
+    let reason = loop {
+        match protocol::read_body_async(&mut reader, &mut body).await {
+            Ok(true) => match protocol::decode_worker_message(&body) {
+                Ok(message) => send(WorkerEventKind::Message(message)),
+                Err(error) => break format!("sent an undecodable frame: {error}"),
+            },
+            Ok(false) => break String::from("closed its socket"),
+            Err(error) => break format!("sent a bad frame: {error}"),
+        }
+    };
+    send(WorkerEventKind::Broken(reason));
+    drop(reader);
+    drop(socket);
+    send(WorkerEventKind::Exited(child.wait().await));
+}
+
+/// Forwards a worker's output stream to the output thread, line by line.
+async fn forward_lines(
+    pipe: impl tokio::io::AsyncRead + Unpin,
+    stream: Stream,
+    output: mpsc::Sender<(Stream, Vec<u8>)>,
+) {
+    let mut reader = BufReader::with_capacity(64 * 1024, pipe);
+    loop {
+        let mut line = Vec::new();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if line.last() != Some(&b'\n') {
+                    line.push(b'\n');
+                }
+                if output.send((stream, line)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The output thread: writes whole lines to the runner's stdout and stderr.
+///
+/// Stdout is locked for the thread's lifetime only when task output goes
+/// there; stderr is never held, since logs share it.
+fn write_output(mut lines: mpsc::Receiver<(Stream, Vec<u8>)>, mode: OutputMode) {
+    let mut out = (mode == OutputMode::Normal)
+        .then(|| io::BufWriter::with_capacity(64 * 1024, io::stdout().lock()));
+    while let Some(first) = lines.blocking_recv() {
+        let mut next = Some(first);
+        while let Some((stream, line)) = next.take() {
+            match (stream, mode) {
+                (Stream::Stdout, OutputMode::Quiet) => {}
+                (Stream::Stdout, OutputMode::Normal) => {
+                    // A closed stdout (`runner ... | head`) stops task output,
+                    // not the run: the results still matter.
+                    if out.as_mut().is_some_and(|o| o.write_all(&line).is_err()) {
+                        out = None;
+                    }
+                }
+                (Stream::Stdout, OutputMode::Stderr) | (Stream::Stderr, _) => {
+                    if let Some(o) = out.as_mut() {
+                        let _ = o.flush();
+                    }
+                    let _ = io::stderr().write_all(&line);
+                }
+            }
+            next = lines.try_recv().ok();
+        }
+        if out.as_mut().is_some_and(|o| o.flush().is_err()) {
+            out = None;
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Starting a worker: descriptors, process group, death signal, limits.
+//!
+//! A worker is the runner's own executable (or the one the pool was pointed
+//! at) started with [`WORKER_ARG`](crate::worker::WORKER_ARG), through
+//! fork + exec. Between the two, in the child, [`prepare_child`] runs:
+//!
+//! 1. it moves the socket to [`WORKER_FD`] and the plugin copy to
+//!    [`LIBRARY_FD`], and closes every other descriptor above stderr, so the
+//!    worker inherits nothing but its own;
+//! 2. it asks the kernel for `SIGKILL` when the supervisor thread dies
+//!    (`PR_SET_PDEATHSIG`), and exits at once if the supervisor is already
+//!    gone;
+//! 3. it applies the memory limit as `RLIMIT_AS` and the niceness.
+//!
+//! The child also becomes the leader of a new process group, so that killing
+//! the group kills whatever the plugin started, too.
+//!
+//! # Caveats
+//!
+//! The death signal fires when the *thread* that forked the child exits. The
+//! pool forks from the thread that runs its event loop, which lives for the
+//! whole run.
+//!
+//! A plugin can leave the group with `setsid` or by double-forking into a
+//! new session; such processes are out of the runner's reach, and only the
+//! end of their pipes tells the runner they exist.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+use crate::protocol::{LIBRARY_FD, WORKER_FD};
+use crate::worker::WORKER_ARG;
+
+/// Limits applied to each worker between fork and exec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerLimits {
+    /// Address-space limit in bytes (`RLIMIT_AS`), if any.
+    pub memory: Option<u64>,
+    /// Niceness added to the worker's priority, if any.
+    pub nice: Option<i32>,
+}
+
+/// A started worker process and the supervisor's end of its socket.
+#[derive(Debug)]
+pub struct SpawnedWorker {
+    /// The child; its pid is also its process group id.
+    pub child: Child,
+    /// The supervisor's end of the protocol socket.
+    pub socket: UnixStream,
+}
+
+/// Starts one worker.
+///
+/// # Errors
+///
+/// When the socket pair cannot be made or the executable cannot be started.
+pub fn spawn_worker(
+    executable: &Path,
+    library: &OwnedFd,
+    limits: WorkerLimits,
+) -> io::Result<SpawnedWorker> {
+    let (ours, theirs) = UnixStream::pair()?;
+
+    let mut command = Command::new(executable);
+    command
+        .arg(WORKER_ARG)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+
+    let socket_fd = theirs.as_raw_fd();
+    let library_fd = library.as_raw_fd();
+    // SAFETY: the getpid call happens here, in the parent, before fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: `prepare_child` calls only async-signal-safe functions (fcntl,
+    // dup2, close_range, prctl, getppid, setrlimit, setpriority, _exit) and
+    // touches no memory shared with other threads of the parent, which is
+    // what a closure between fork and exec must respect.
+    unsafe {
+        command.pre_exec(move || prepare_child(socket_fd, library_fd, parent, limits));
+    }
+
+    let child = command.spawn()?;
+    drop(theirs);
+    Ok(SpawnedWorker {
+        child,
+        socket: ours,
+    })
+}
+
+/// Runs in the child between fork and exec.
+fn prepare_child(
+    socket_fd: RawFd,
+    library_fd: RawFd,
+    parent: libc::pid_t,
+    limits: WorkerLimits,
+) -> io::Result<()> {
+    fn check(result: libc::c_int) -> io::Result<libc::c_int> {
+        if result == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(result)
+        }
+    }
+
+    // SAFETY: every call below is async-signal-safe and works only on this
+    // child's own descriptors, limits and process attributes.
+    unsafe {
+        // Move both descriptors above the target numbers first, so that
+        // neither dup2 can overwrite the other when one of them already sits
+        // on 3 or 4.
+        let socket_high = check(libc::fcntl(socket_fd, libc::F_DUPFD, 10))?;
+        let library_high = check(libc::fcntl(library_fd, libc::F_DUPFD, 10))?;
+        check(libc::dup2(socket_high, WORKER_FD))?;
+        check(libc::dup2(library_high, LIBRARY_FD))?;
+        // Everything else the runner holds is close-on-exec already; this
+        // also drops descriptors the runner itself inherited without that
+        // flag.
+        let first = (LIBRARY_FD + 1) as libc::c_uint;
+        if libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, 0) == -1 {
+            for fd in first as RawFd..1024 {
+                libc::close(fd);
+            }
+        }
+
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+
+        if let Some(bytes) = limits.memory {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            check(libc::setrlimit(libc::RLIMIT_AS, &limit))?;
+        }
+        if let Some(nice) = limits.nice {
+            check(libc::setpriority(libc::PRIO_PROCESS, 0, nice))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends `SIGKILL` to a worker's whole process group.
+///
+/// Harmless when the group is already gone.
+pub fn kill_group(pgid: u32) {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: `pgid` is the pid of a worker this pool spawned as the leader
+    // of its own group; the group number stays reserved while any member
+    // lives, and the caller only asks before it has handled that worker's
+    // exit, or right after, to clear what it left behind.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+}

@@ -1,0 +1,228 @@
+//! The worker process: load the plugin, then serve task frames until the
+//! supervisor closes the socket.
+//!
+//! The worker is the `runner` binary re-executed with a hidden argument (see
+//! [`WORKER_ARG`]). It is plain blocking code on one thread: no async
+//! runtime, no logging framework, one task at a time. The supervisor set up
+//! its descriptors before exec: the socket on [`WORKER_FD`], the sealed copy
+//! of the plugin on [`LIBRARY_FD`]; stdin, stdout and stderr belong to the
+//! plugin.
+//!
+//! Exit statuses: 0 when the supervisor closed the socket, [`EXIT_LOAD`]
+//! after a load failure was reported, [`EXIT_PROTOCOL`] when the socket broke
+//! or carried something that is no frame.
+
+use std::ffi::c_void;
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
+
+use plugin_api::{ABI_VERSION, DeclarationHeader, MAGIC, TaskDeclaration};
+
+use crate::protocol::{
+    self, FrameReader, Hello, LIBRARY_FD, PROTOCOL_VERSION, WORKER_FD, WorkerMessage,
+};
+
+/// The first argument that turns the `runner` binary into a worker.
+pub const WORKER_ARG: &str = "__runner-worker";
+
+/// Exit status after a load failure was reported to the supervisor.
+pub const EXIT_LOAD: i32 = 101;
+
+/// Exit status when the protocol socket broke.
+pub const EXIT_PROTOCOL: i32 = 102;
+
+/// Runs the worker if this process was started as one.
+///
+/// Call it first thing in `main`: a program that embeds the pool and points
+/// it at its own executable must give the re-executed copy a chance to serve
+/// before anything else starts (a runtime, logging, argument parsing).
+pub fn run_if_worker() {
+    let mut args = std::env::args_os();
+    let _program = args.next();
+    if args.next().is_some_and(|arg| arg == WORKER_ARG) {
+        let code = serve();
+        std::process::exit(code);
+    }
+}
+
+/// The host side of [`plugin_api::Sink`]: appends the bytes to a `Vec<u8>`.
+///
+/// # Safety
+///
+/// `ctx` must point to a live `Vec<u8>` that nothing else borrows, and `ptr`
+/// must be valid for `len` bytes (or `len` must be 0).
+unsafe extern "C" fn collect(ctx: *mut c_void, ptr: *const u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: the caller passes the `Vec<u8>` the worker handed to this call.
+    let out = unsafe { &mut *ctx.cast::<Vec<u8>>() };
+    // SAFETY: the plugin promises `ptr` is valid for `len` bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+    out.extend_from_slice(bytes);
+}
+
+/// A loaded plugin whose declaration passed the checks.
+struct Plugin {
+    declaration: &'static TaskDeclaration,
+    state: *mut c_void,
+}
+
+/// Loads the library on [`LIBRARY_FD`], checks it and runs its setup.
+fn load() -> Result<Plugin, String> {
+    let path = format!("/proc/self/fd/{LIBRARY_FD}");
+
+    // SAFETY: loading runs the plugin's static constructors. That is the
+    // reason loading happens here, in a disposable worker, and never in the
+    // supervisor: whatever the constructors do, they do to this process.
+    let library = unsafe { libloading::Library::new(&path) }
+        .map_err(|e| format!("cannot load the plugin library: {e}"))?;
+
+    // SAFETY: the symbol is read as a pointer to its first bytes only; the
+    // header is `#[repr(C)]` and shared by every ABI version, so reading it
+    // is sound for any plugin that exports the symbol at all.
+    let header: *const DeclarationHeader = unsafe {
+        *library
+            .get::<*const DeclarationHeader>(plugin_api::SYMBOL)
+            .map_err(|e| {
+                format!(
+                    "the library exports no task declaration (`{}`); was it built with \
+                     `plugin_api::export_task!`?: {e}",
+                    String::from_utf8_lossy(plugin_api::SYMBOL)
+                )
+            })?
+    };
+    // SAFETY: `header` points into the loaded library's data, which stays
+    // mapped because the library is never unloaded (it is leaked below).
+    let header = unsafe { *header };
+    if header.magic != MAGIC {
+        return Err(format!(
+            "the task declaration has the wrong magic tag {:?} (expected {:?})",
+            String::from_utf8_lossy(&header.magic),
+            String::from_utf8_lossy(&MAGIC),
+        ));
+    }
+    if header.abi_version != ABI_VERSION {
+        return Err(format!(
+            "the plugin was built for plugin ABI version {}, but this runner speaks \
+             version {ABI_VERSION}; rebuild the plugin against a matching `plugin-api`",
+            header.abi_version
+        ));
+    }
+
+    // SAFETY: the magic and ABI version match ours, so the symbol is a full
+    // `TaskDeclaration` of this layout, and it lives as long as the library,
+    // which is leaked and so lives until the process exits.
+    let declaration: &'static TaskDeclaration = unsafe {
+        let symbol = library
+            .get::<*const TaskDeclaration>(plugin_api::SYMBOL)
+            .map_err(|e| format!("cannot read the task declaration: {e}"))?;
+        &**symbol
+    };
+    // Unloading a Rust library while its thread-locals or threads are alive
+    // can crash the process, and the worker exits soon after it stops
+    // serving anyway, so the library stays loaded for the worker's lifetime.
+    std::mem::forget(library);
+
+    let mut message = Vec::new();
+    // SAFETY: `collect` and `message` are the sink pair the contract asks
+    // for; `message` outlives the call.
+    let state = unsafe { (declaration.setup)(collect, (&raw mut message).cast()) };
+    if state.is_null() {
+        return Err(format!(
+            "the plugin's setup failed: {}",
+            String::from_utf8_lossy(&message)
+        ));
+    }
+    Ok(Plugin { declaration, state })
+}
+
+fn declared_str(raw: plugin_api::RawStr) -> String {
+    // SAFETY: the declaration's strings point into the loaded library, which
+    // is never unloaded.
+    match unsafe { raw.as_str() } {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from("(not UTF-8)"),
+    }
+}
+
+/// Serves frames; returns the process exit status.
+fn serve() -> i32 {
+    // SAFETY: the supervisor put a connected socket on WORKER_FD before exec
+    // and nothing else in this process owns that descriptor.
+    let socket = unsafe { UnixStream::from_raw_fd(WORKER_FD) };
+    let Ok(read_half) = socket.try_clone() else {
+        return EXIT_PROTOCOL;
+    };
+    let mut writer = socket;
+    let mut reader = FrameReader::new(BufReader::with_capacity(64 * 1024, read_half));
+    let mut frame = Vec::with_capacity(4096);
+
+    let plugin = match load() {
+        Ok(plugin) => plugin,
+        Err(message) => {
+            protocol::encode_worker_message(&mut frame, &WorkerMessage::LoadFailed(message));
+            let _ = writer.write_all(&frame);
+            return EXIT_LOAD;
+        }
+    };
+    // SAFETY: the library file was handed over by the supervisor; its copy
+    // on LIBRARY_FD is no longer needed once it is mapped.
+    drop(unsafe { File::from_raw_fd(LIBRARY_FD) });
+
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        abi_version: ABI_VERSION,
+        pid: std::process::id(),
+        name: declared_str(plugin.declaration.name),
+        version: declared_str(plugin.declaration.version),
+        description: declared_str(plugin.declaration.description),
+    };
+    protocol::encode_worker_message(&mut frame, &WorkerMessage::Hello(hello));
+    if writer.write_all(&frame).is_err() {
+        return EXIT_PROTOCOL;
+    }
+
+    let mut body = Vec::with_capacity(4096);
+    let mut output = Vec::with_capacity(4096);
+    loop {
+        match reader.read_body(&mut body) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(_) => return EXIT_PROTOCOL,
+        }
+        let Ok(task) = protocol::decode_task(&body) else {
+            return EXIT_PROTOCOL;
+        };
+
+        output.clear();
+        let started = Instant::now();
+        // SAFETY: `state` came from this declaration's setup and is not torn
+        // down; `params` is a live slice; `collect` and `output` are the sink
+        // pair, and `output` outlives the call.
+        let status = unsafe {
+            (plugin.declaration.call)(
+                plugin.state,
+                task.params.as_ptr(),
+                task.params.len(),
+                collect,
+                (&raw mut output).cast(),
+            )
+        };
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+
+        frame.clear();
+        protocol::encode_done(&mut frame, task.id, status, nanos, &output);
+        if writer.write_all(&frame).is_err() {
+            return EXIT_PROTOCOL;
+        }
+    }
+
+    // SAFETY: the state came from setup and is dropped once, after the last
+    // call.
+    unsafe { (plugin.declaration.teardown)(plugin.state) };
+    0
+}
