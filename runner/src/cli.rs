@@ -151,7 +151,10 @@ impl Layer {
     }
 
     fn from_file(file: &ConfigFile, task: Option<&str>) -> Self {
-        let section = task.and_then(|t| file.tasks.get(t)).cloned().unwrap_or_default();
+        let section = task
+            .and_then(|t| file.tasks.get(t))
+            .cloned()
+            .unwrap_or_default();
         Self {
             task: file.task.clone(),
             params: file.params.clone(),

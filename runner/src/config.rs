@@ -183,7 +183,11 @@ impl ConfigFile {
         })?;
 
         let base = path.parent().unwrap_or(Path::new("."));
-        for field in [&mut config.params, &mut config.results, &mut config.work_dir] {
+        for field in [
+            &mut config.params,
+            &mut config.results,
+            &mut config.work_dir,
+        ] {
             if let Some(p) = field.as_mut() {
                 if p.is_relative() && p != Path::new("-") {
                     *p = base.join(&*p);

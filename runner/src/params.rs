@@ -151,10 +151,7 @@ impl ParamsSource {
     ///
     /// The channel ends after the last task, or after an error (sent as the
     /// last item). The thread stops early when the receiver is dropped.
-    pub fn spawn_reader(
-        self,
-        capacity: usize,
-    ) -> mpsc::Receiver<Result<TaskParams, ParamsError>> {
+    pub fn spawn_reader(self, capacity: usize) -> mpsc::Receiver<Result<TaskParams, ParamsError>> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         std::thread::Builder::new()
             .name("params".into())
@@ -230,6 +227,13 @@ fn read_lines(
         let text = line.trim_ascii();
         if text.is_empty() {
             continue;
+        }
+        if let Err(error) = std::str::from_utf8(text) {
+            return Err(ParamsError::Line {
+                place: place.to_string(),
+                line: number,
+                message: format!("not UTF-8 (bad byte at column {})", error.valid_up_to() + 1),
+            });
         }
         if let Err(error) = serde_json::from_slice::<IgnoredAny>(text) {
             return Err(ParamsError::Line {
@@ -348,7 +352,10 @@ mod tests {
         assert_eq!(collect(&source).unwrap(), ["1", "[2, 3]", "{\"a\": \"b\"}"]);
 
         let path = temp_file("b.jsonl", "1\n2\n3\n4\n5\n6\n{oops\n8\n");
-        let err = ParamsSource::from_path(&path).validate().unwrap_err().to_string();
+        let err = ParamsSource::from_path(&path)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 7: not valid JSON"), "{err}");
     }
 
@@ -360,7 +367,10 @@ mod tests {
         assert_eq!(collect(&source).unwrap(), ["{\"x\":1}", "\"two\""]);
 
         let path = temp_file("d.json", "{\"not\": \"an array\"}");
-        let err = ParamsSource::from_path(&path).validate().unwrap_err().to_string();
+        let err = ParamsSource::from_path(&path)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("a JSON array"), "{err}");
         assert!(err.contains("line 1"), "{err}");
     }
@@ -371,7 +381,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("e.jsonl");
         std::fs::write(&path, b"\"ok\"\n\"\xff\xfe\"\n").unwrap();
-        let err = ParamsSource::from_path(&path).validate().unwrap_err().to_string();
+        let err = ParamsSource::from_path(&path)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 2"), "{err}");
     }
 }

@@ -30,9 +30,7 @@ use std::process::{Command, Stdio};
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// The task name has characters other than letters, digits, `-`, `_`.
-    #[error(
-        "invalid task name `{0}`: use letters, digits, `-` and `_` only (no paths)"
-    )]
+    #[error("invalid task name `{0}`: use letters, digits, `-` and `_` only (no paths)")]
     InvalidName(String),
     /// The work dir is missing or no directory.
     #[error("work dir `{path}` is not a directory: {source}")]
@@ -64,7 +62,9 @@ pub enum PluginError {
         fix: String,
     },
     /// A library file resolves to outside the work dir.
-    #[error("refusing to load `{path}`: it resolves to `{target}`, outside the work dir `{work_dir}`")]
+    #[error(
+        "refusing to load `{path}`: it resolves to `{target}`, outside the work dir `{work_dir}`"
+    )]
     OutsideWorkDir {
         /// The path found in the work dir.
         path: PathBuf,
@@ -150,7 +150,10 @@ pub fn locate(work_dir: &Path, name: &str) -> Result<PathBuf, PluginError> {
             if dir.is_dir() {
                 Ok(dir)
             } else {
-                Err(io::Error::new(io::ErrorKind::NotADirectory, "not a directory"))
+                Err(io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    "not a directory",
+                ))
             }
         })
         .map_err(|source| PluginError::WorkDir {
@@ -210,13 +213,23 @@ fn check_private(path: &Path) -> Result<(), PluginError> {
     if meta.uid() != me && meta.uid() != 0 {
         return Err(PluginError::Unsafe {
             path: path.to_path_buf(),
-            problem: format!("belongs to user id {}, not to you ({me}) or root", meta.uid()),
-            fix: format!("run `chown {me} {}` or use a work dir of your own", path.display()),
+            problem: format!(
+                "belongs to user id {}, not to you ({me}) or root",
+                meta.uid()
+            ),
+            fix: format!(
+                "run `chown {me} {}` or use a work dir of your own",
+                path.display()
+            ),
         });
     }
     let mode = meta.mode();
     if mode & 0o022 != 0 {
-        let who = if mode & 0o002 != 0 { "others" } else { "its group" };
+        let who = if mode & 0o002 != 0 {
+            "others"
+        } else {
+            "its group"
+        };
         return Err(PluginError::Unsafe {
             path: path.to_path_buf(),
             problem: format!("is writable by {who} (mode {:o})", mode & 0o7777),
@@ -236,18 +249,35 @@ fn build_crate(manifest: &Path) -> Result<PathBuf, PluginError> {
     tracing::debug!(manifest = %manifest.display(), "building plugin crate");
 
     let mut child = Command::new(&cargo)
-        .args(["build", "--release", "--message-format=json-render-diagnostics"])
+        .args([
+            "build",
+            "--release",
+            "--message-format=json-render-diagnostics",
+        ])
         .arg("--manifest-path")
         .arg(manifest)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| fail(format!("cannot run `{}`: {e}", Path::new(&cargo).display())))?;
 
     let manifest_dir = fs::canonicalize(manifest)
         .ok()
         .and_then(|m| m.parent().map(Path::to_path_buf));
+    // Cargo's progress goes on to the runner's stderr, except its
+    // "Finished" line, which on an up-to-date crate would be the only line
+    // of every run.
+    let stderr = child.stderr.take().expect("stderr was piped at spawn");
+    let relay = std::thread::spawn(move || {
+        let mut out = io::stderr();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !line.trim_start().starts_with("Finished ") {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    });
+
     let mut library = None;
     let stdout = child.stdout.take().expect("stdout was piped at spawn");
     for line in BufReader::new(stdout).lines() {
@@ -259,6 +289,7 @@ fn build_crate(manifest: &Path) -> Result<PathBuf, PluginError> {
     let status = child
         .wait()
         .map_err(|e| fail(format!("cannot wait for cargo: {e}")))?;
+    let _ = relay.join();
     if !status.success() {
         return Err(fail(format!("cargo exited with {status}")));
     }
@@ -306,7 +337,9 @@ fn check_elf(path: &Path, head: &[u8]) -> Result<(), PluginError> {
     let e_machine = u16::from_le_bytes([head[18], head[19]]);
     const ET_DYN: u16 = 3;
     if e_type != ET_DYN {
-        return Err(not(format!("it is an ELF file of type {e_type}, not a shared object")));
+        return Err(not(format!(
+            "it is an ELF file of type {e_type}, not a shared object"
+        )));
     }
     let (expected, arch) = native_machine();
     if e_machine != expected || head[4] != 2 || head[5] != 1 {
@@ -343,9 +376,8 @@ fn snapshot(path: &Path) -> Result<OwnedFd, PluginError> {
 
     let name = CString::new("runner-plugin").expect("no NUL in a literal");
     // SAFETY: `name` is a valid C string; the call has no other inputs.
-    let fd = unsafe {
-        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-    };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd == -1 {
         return Err(fail(io::Error::last_os_error()));
     }
@@ -356,7 +388,14 @@ fn snapshot(path: &Path) -> Result<OwnedFd, PluginError> {
 
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on a descriptor we own, with an integer argument.
-    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&memfile), libc::F_ADD_SEALS, seals) } == -1 {
+    if unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&memfile),
+            libc::F_ADD_SEALS,
+            seals,
+        )
+    } == -1
+    {
         return Err(fail(io::Error::last_os_error()));
     }
     Ok(OwnedFd::from(memfile))

@@ -267,7 +267,11 @@ enum Stream {
 /// "exited with code 3".
 pub fn describe_status(status: ExitStatus) -> String {
     if let Some(signal) = status.signal() {
-        let core = if status.core_dumped() { ", core dumped" } else { "" };
+        let core = if status.core_dumped() {
+            ", core dumped"
+        } else {
+            ""
+        };
         format!("killed by signal {signal} ({}{core})", signal_name(signal))
     } else if let Some(code) = status.code() {
         format!("exited with code {code}")
@@ -441,7 +445,8 @@ impl<'a> Pool<'a> {
 
     /// Whether the loop has nothing left to wait for.
     fn is_done(&self) -> bool {
-        self.workers.is_empty() && (self.stopping || (self.params.is_none() && self.queue.is_empty()))
+        self.workers.is_empty()
+            && (self.stopping || (self.params.is_none() && self.queue.is_empty()))
     }
 
     /// Whether the loop should wait for params: it has room and nothing
@@ -551,12 +556,15 @@ impl<'a> Pool<'a> {
     }
 
     fn spawn_worker(&mut self) -> Result<(), PoolError> {
-        let spawned =
-            spawn::spawn_worker(&self.options.executable, &self.library.snapshot, self.options.limits)
-                .map_err(|source| PoolError::Spawn {
-                    executable: self.options.executable.clone(),
-                    source,
-                })?;
+        let spawned = spawn::spawn_worker(
+            &self.options.executable,
+            &self.library.snapshot,
+            self.options.limits,
+        )
+        .map_err(|source| PoolError::Spawn {
+            executable: self.options.executable.clone(),
+            source,
+        })?;
         let mut child = spawned.child;
         let pid = child.id().expect("a child that was just spawned has a pid");
         let id = self.next_worker;
@@ -642,11 +650,18 @@ impl<'a> Pool<'a> {
 
     fn on_signal(&mut self, signal: i32) {
         if self.interrupted.is_some() {
-            tracing::warn!(signal = signal_name(signal), "second signal; killing all workers");
+            tracing::warn!(
+                signal = signal_name(signal),
+                "second signal; killing all workers"
+            );
             self.kill_all(KillReason::Shutdown);
             return;
         }
-        let running: usize = self.workers.values().map(|s| s.in_flight.len().min(1)).sum();
+        let running: usize = self
+            .workers
+            .values()
+            .map(|s| s.in_flight.len().min(1))
+            .sum();
         tracing::warn!(
             signal = signal_name(signal),
             running,
@@ -686,7 +701,9 @@ impl<'a> Pool<'a> {
 
     fn on_event(&mut self, event: WorkerEvent) {
         match event.kind {
-            WorkerEventKind::Message(WorkerMessage::Hello(hello)) => self.on_hello(event.worker, hello),
+            WorkerEventKind::Message(WorkerMessage::Hello(hello)) => {
+                self.on_hello(event.worker, hello)
+            }
             WorkerEventKind::Message(WorkerMessage::LoadFailed(message)) => {
                 self.fail(
                     PoolError::PluginLoad {
@@ -875,12 +892,15 @@ impl<'a> Pool<'a> {
 
     /// Retries a failed attempt or records the task as failed.
     fn settle(&mut self, mut task: Task, duration: Duration, ending: Ending) {
-        let retry = ending.kind.is_retryable()
-            && task.attempts <= self.options.retries
-            && !self.stopping;
+        let retry =
+            ending.kind.is_retryable() && task.attempts <= self.options.retries && !self.stopping;
         task.endings.push(ending.clone());
         if retry {
-            tracing::debug!(task = task.params.index, attempt = task.attempts, "retrying");
+            tracing::debug!(
+                task = task.params.index,
+                attempt = task.attempts,
+                "retrying"
+            );
             self.summary.retried += 1;
             self.queue.push_front(task);
         } else {
@@ -914,7 +934,10 @@ impl<'a> Pool<'a> {
         let drain_until = tokio::time::Instant::now() + OUTPUT_DRAIN;
         for forwarder in std::mem::take(&mut self.forwarders) {
             let abort = forwarder.abort_handle();
-            if tokio::time::timeout_at(drain_until, forwarder).await.is_err() {
+            if tokio::time::timeout_at(drain_until, forwarder)
+                .await
+                .is_err()
+            {
                 tracing::debug!("output pipe held open past the end of its worker; dropped");
                 abort.abort();
             }

@@ -246,7 +246,9 @@ pub fn encode_worker_message(out: &mut Vec<u8>, message: &WorkerMessage) {
             out.extend_from_slice(message.as_bytes());
             finish(out, start);
         }
-        WorkerMessage::Done(done) => encode_done(out, done.id, done.status, done.nanos, &done.payload),
+        WorkerMessage::Done(done) => {
+            encode_done(out, done.id, done.status, done.nanos, &done.payload)
+        }
     }
 }
 
@@ -338,7 +340,8 @@ pub fn decode_worker_message(body: &[u8]) -> Result<WorkerMessage, FrameError> {
             Ok(WorkerMessage::Hello(hello))
         }
         KIND_LOAD_FAILED => {
-            let message = String::from_utf8(cursor.rest.to_vec()).map_err(|_| FrameError::NotUtf8)?;
+            let message =
+                String::from_utf8(cursor.rest.to_vec()).map_err(|_| FrameError::NotUtf8)?;
             Ok(WorkerMessage::LoadFailed(message))
         }
         KIND_DONE => Ok(WorkerMessage::Done(Done {
@@ -407,9 +410,21 @@ mod tests {
     #[test]
     fn task_frames_round_trip() {
         let mut frame = Vec::new();
-        encode_task(&mut frame, &TaskFrame { id: 9, params: b"[1,2]" });
+        encode_task(
+            &mut frame,
+            &TaskFrame {
+                id: 9,
+                params: b"[1,2]",
+            },
+        );
         let task = decode_task(body_of(&frame)).unwrap();
-        assert_eq!(task, TaskFrame { id: 9, params: b"[1,2]" });
+        assert_eq!(
+            task,
+            TaskFrame {
+                id: 9,
+                params: b"[1,2]"
+            }
+        );
     }
 
     #[test]
@@ -426,7 +441,10 @@ mod tests {
         assert!(decode_worker_message(&[]).is_err());
         assert!(decode_worker_message(&[KIND_DONE, 1, 2]).is_err());
         assert!(decode_worker_message(&[KIND_HELLO, 1, 0, 0, 0]).is_err());
-        assert_eq!(decode_worker_message(&[99]), Err(FrameError::UnknownKind(99)));
+        assert_eq!(
+            decode_worker_message(&[99]),
+            Err(FrameError::UnknownKind(99))
+        );
         assert!(decode_task(&[KIND_TASK, 1]).is_err());
 
         let mut reader = FrameReader::new(&[5, 0, 0, 0, 1, 2][..]);

@@ -190,7 +190,11 @@ impl RunSummary {
             self.ok, self.failed, self.retried, self.workers_started
         )?;
         for (index, ending) in &self.first_failed {
-            writeln!(out, "  task {index} failed: {}: {}", ending.kind, ending.message)?;
+            writeln!(
+                out,
+                "  task {index} failed: {}: {}",
+                ending.kind, ending.message
+            )?;
         }
         if self.failed > self.first_failed.len() as u64 {
             writeln!(

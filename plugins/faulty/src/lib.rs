@@ -86,6 +86,7 @@ enum Action {
 }
 
 #[inline(never)]
+#[expect(unconditional_recursion, reason = "overflowing the stack is the point")]
 fn recurse(depth: u64) -> u64 {
     let frame = [depth; 64];
     std::hint::black_box(&frame);
@@ -124,11 +125,15 @@ pub fn run(params: Params) -> Result<Value, TaskError> {
         if marker.exists() {
             return Ok(params.value);
         }
-        std::fs::write(marker, b"")
-            .map_err(|e| TaskError::permanent(format!("cannot create `{}`: {e}", marker.display())))?;
+        std::fs::write(marker, b"").map_err(|e| {
+            TaskError::permanent(format!("cannot create `{}`: {e}", marker.display()))
+        })?;
     }
 
-    let message = params.message.clone().unwrap_or_else(|| "asked to fail".into());
+    let message = params
+        .message
+        .clone()
+        .unwrap_or_else(|| "asked to fail".into());
     match params.action {
         Action::Ok => {}
         Action::Error => return Err(TaskError::retryable(message)),

@@ -35,8 +35,7 @@ fn classify(error: std::io::Error, what: String) -> TaskError {
 /// Hashes the file at `path`.
 pub fn digest(path: PathBuf) -> Result<FileDigest, TaskError> {
     let shown = path.display().to_string();
-    let mut file =
-        File::open(&path).map_err(|e| classify(e, format!("cannot open `{shown}`")))?;
+    let mut file = File::open(&path).map_err(|e| classify(e, format!("cannot open `{shown}`")))?;
 
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 64 * 1024];

@@ -1,0 +1,12 @@
+//! Integration tests: the real `runner` binary on the real plugin crates of
+//! `plugins/`, with real processes, signals and files.
+
+#[macro_use]
+mod util;
+
+// The main job end to end: the test and sha256 plugins.
+mod main_job;
+// Faults of a task: crashes, panics, timeouts, permanent errors.
+mod faults;
+// Bad input and bad plugins: refused before any task runs.
+mod input;
