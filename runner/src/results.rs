@@ -185,9 +185,13 @@ impl RunSummary {
         };
         writeln!(
             out,
-            "{done} tasks: {} ok, {} failed, {} retried in {secs:.2}s ({rate:.0} tasks/s, \
-             mean task {mean_ms:.3} ms, {} workers started)",
-            self.ok, self.failed, self.retried, self.workers_started
+            "{}: {} ok, {} failed, {} retried in {secs:.2}s ({rate:.0} tasks/s, \
+             mean task {mean_ms:.3} ms, {} started)",
+            plural(done, "task", "tasks"),
+            self.ok,
+            self.failed,
+            self.retried,
+            plural(self.workers_started, "worker", "workers"),
         )?;
         for (index, ending) in &self.first_failed {
             writeln!(
@@ -205,6 +209,11 @@ impl RunSummary {
         }
         Ok(())
     }
+}
+
+/// "1 task", "2 tasks".
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 #[cfg(test)]

@@ -146,7 +146,7 @@ fn a_task_that_crashes_once_succeeds_on_its_second_attempt() {
     );
     check!(
         run,
-        run.stderr.contains("1 tasks: 1 ok, 0 failed, 1 retried")
+        run.stderr.contains("1 task: 1 ok, 0 failed, 1 retried")
     );
     run.assert_no_leftovers();
 }
