@@ -4,14 +4,18 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 
 use crate::cli::Settings;
 use crate::exit;
+use crate::params::TaskParams;
 use crate::plugin;
 use crate::pool::{self, OutputMode, PoolOptions, RecordSink};
 use crate::results::TaskRecord;
+use crate::resume::FinishedTasks;
 use crate::spawn::WorkerLimits;
 
 /// Writes records as JSON lines to a file or stdout.
@@ -27,15 +31,19 @@ impl ResultsWriter {
     ///
     /// When the file cannot be created.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let out: Box<dyn Write> = if path == Path::new("-") {
-            Box::new(io::stdout())
+        if path == Path::new("-") {
+            Ok(Self::new(Box::new(io::stdout())))
         } else {
-            Box::new(File::create(path)?)
-        };
-        Ok(Self {
+            Ok(Self::new(Box::new(File::create(path)?)))
+        }
+    }
+
+    /// Writes records to `out`.
+    pub fn new(out: Box<dyn Write>) -> Self {
+        Self {
             out: BufWriter::with_capacity(256 * 1024, out),
             line: Vec::with_capacity(1024),
-        })
+        }
     }
 }
 
@@ -96,15 +104,34 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         OutputMode::Normal
     };
 
+    let mut finished = FinishedTasks::default();
     let mut file_sink;
     let mut no_sink = NoResults;
     let sink: &mut dyn RecordSink = match &settings.results {
+        Some(path) if settings.resume => {
+            let (earlier, file) = FinishedTasks::load(path)?;
+            tracing::info!(ok = earlier.len(), "resuming");
+            finished = earlier;
+            file_sink = ResultsWriter::new(Box::new(file));
+            &mut file_sink
+        }
         Some(path) => {
             file_sink = ResultsWriter::create(path)
                 .with_context(|| format!("cannot create results file `{}`", path.display()))?;
             &mut file_sink
         }
         None => &mut no_sink,
+    };
+    let skipped = Arc::new(AtomicU64::new(0));
+    let keep = {
+        let skipped = Arc::clone(&skipped);
+        move |task: &TaskParams| {
+            let seen = finished.contains(task);
+            if seen {
+                skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            !seen
+        }
     };
 
     tracing::info!(
@@ -120,10 +147,11 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the event loop")?;
-    let params = settings.params.clone().spawn_reader(4096);
-    let report = runtime
+    let params = settings.params.clone().spawn_reader(4096, keep);
+    let mut report = runtime
         .block_on(pool::run_pool(&library, &options, params, total, sink))
         .context("cannot run the pool")?;
+    report.summary.skipped = skipped.load(Ordering::Relaxed);
 
     let mut stderr = io::stderr().lock();
     let _ = report.summary.write_to(&mut stderr);

@@ -58,6 +58,10 @@ pub struct Cli {
     #[arg(long, value_name = "FILE|-")]
     pub results: Option<PathBuf>,
 
+    /// Skip tasks that the results file already holds as ok; append the rest
+    #[arg(long, requires = "results")]
+    pub resume: bool,
+
     /// Read settings from FILE (over the work dir's runner.toml)
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -102,6 +106,8 @@ pub struct Settings {
     pub memory_limit: Option<u64>,
     /// Drop task stdout.
     pub quiet: bool,
+    /// Skip tasks the results file holds as ok, and append to it.
+    pub resume: bool,
 }
 
 /// Bad usage or configuration, reported with exit code 2.
@@ -259,6 +265,16 @@ impl Settings {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
+        if cli.resume && merged.results.as_deref() == Some(Path::new("-")) {
+            return Err(SettingsError::Invalid(String::from(
+                "--resume needs a results file, not stdout",
+            )));
+        }
+        if cli.resume && merged.results.is_none() {
+            return Err(SettingsError::Missing(
+                "--resume needs --results FILE (the file of the run to resume)",
+            ));
+        }
         if merged.timeout == Some(Duration::ZERO) {
             return Err(SettingsError::Invalid(String::from(
                 "a timeout of zero would kill every task; leave it out for no timeout",
@@ -276,6 +292,7 @@ impl Settings {
             grace: merged.grace.unwrap_or(Duration::from_secs(5)),
             memory_limit: merged.memory_limit,
             quiet: cli.quiet,
+            resume: cli.resume,
         })
     }
 

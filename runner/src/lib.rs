@@ -16,5 +16,6 @@ pub mod plugin;
 pub mod pool;
 pub mod protocol;
 pub mod results;
+pub mod resume;
 pub mod spawn;
 pub mod worker;

@@ -149,14 +149,21 @@ impl ParamsSource {
 
     /// Starts a thread that sends this source's params down a channel.
     ///
-    /// The channel ends after the last task, or after an error (sent as the
-    /// last item). The thread stops early when the receiver is dropped.
-    pub fn spawn_reader(self, capacity: usize) -> mpsc::Receiver<Result<TaskParams, ParamsError>> {
+    /// Tasks for which `keep` returns `false` are left out (tasks a resumed
+    /// run already finished). The channel ends after the last task, or
+    /// after an error (sent as the last item). The thread stops early when
+    /// the receiver is dropped.
+    pub fn spawn_reader(
+        self,
+        capacity: usize,
+        keep: impl Fn(&TaskParams) -> bool + Send + 'static,
+    ) -> mpsc::Receiver<Result<TaskParams, ParamsError>> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         std::thread::Builder::new()
             .name("params".into())
             .spawn(move || {
-                if let Err(error) = self.stream(|task| tx.blocking_send(Ok(task)).is_ok()) {
+                let sent = self.stream(|task| !keep(&task) || tx.blocking_send(Ok(task)).is_ok());
+                if let Err(error) = sent {
                     let _ = tx.blocking_send(Err(error));
                 }
             })

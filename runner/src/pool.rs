@@ -49,7 +49,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use plugin_api::CallStatus;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -67,6 +67,10 @@ const UNBORN_LIMIT: u32 = 3;
 /// How long, after the last worker exited, output pipes held open by
 /// escaped processes are still read.
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
+
+/// How long the socket of a worker that exited is still read when a
+/// process it started keeps the socket open.
+const EXIT_DRAIN: Duration = Duration::from_millis(100);
 
 /// Where the workers' stdout goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -545,7 +549,10 @@ impl<'a> Pool<'a> {
             }
         }
 
-        let live = self.workers.values().filter(|s| s.frames.is_some()).count();
+        // A worker counts until its exit is handled, even once it is
+        // closing or killed, so a plugin that kills its workers at once
+        // cannot make the pool start more than its limit.
+        let live = self.workers.len();
         let wanted = self.worker_target.min(live + self.queue.len().max(1));
         for _ in live..wanted {
             if let Err(error) = self.spawn_worker() {
@@ -874,6 +881,17 @@ impl<'a> Pool<'a> {
                     kind: EndingKind::Lost,
                     message: format!("worker pid {pid} broke its protocol socket: {reason}"),
                 },
+                _ if out_of_memory(&status) => Ending {
+                    kind: EndingKind::OutOfMemory,
+                    message: match self.options.limits.memory {
+                        Some(limit) => format!(
+                            "worker pid {pid} ran out of memory: an allocation failed under \
+                             the limit of {} MiB",
+                            limit >> 20
+                        ),
+                        None => format!("worker pid {pid} ran out of memory"),
+                    },
+                },
                 _ => Ending {
                     kind: EndingKind::Crash,
                     message: format!("worker pid {pid} {described}"),
@@ -932,14 +950,17 @@ impl<'a> Pool<'a> {
             }
         }
         let drain_until = tokio::time::Instant::now() + OUTPUT_DRAIN;
-        for forwarder in std::mem::take(&mut self.forwarders) {
-            let abort = forwarder.abort_handle();
-            if tokio::time::timeout_at(drain_until, forwarder)
+        for mut forwarder in std::mem::take(&mut self.forwarders) {
+            if tokio::time::timeout_at(drain_until, &mut forwarder)
                 .await
                 .is_err()
             {
                 tracing::debug!("output pipe held open past the end of its worker; dropped");
-                abort.abort();
+                forwarder.abort();
+                // The aborted task drops its sender only once the runtime
+                // gets to it; the output thread ends only when every sender
+                // is gone.
+                let _ = forwarder.await;
             }
         }
         let (closed_tx, _) = mpsc::channel(1);
@@ -956,6 +977,12 @@ impl<'a> Pool<'a> {
             error: self.error,
         }
     }
+}
+
+fn out_of_memory(status: &io::Result<ExitStatus>) -> bool {
+    status
+        .as_ref()
+        .is_ok_and(|s| s.code() == Some(crate::worker::EXIT_OUT_OF_MEMORY))
 }
 
 fn killed_by_us(status: &io::Result<ExitStatus>) -> bool {
@@ -997,7 +1024,13 @@ async fn write_frames(
     let _ = socket.shutdown().await;
 }
 
-/// Reads a worker's frames, then waits for it to exit.
+/// Reads a worker's frames until its socket ends or the worker exits, then
+/// reports its exit.
+///
+/// The two are raced because a process the plugin forked inherits the
+/// worker's socket: when it outlives the worker, the socket never reaches
+/// end-of-file. Once the worker has exited, whatever it wrote is already in
+/// the socket buffer, so the reader drains for at most [`EXIT_DRAIN`] more.
 async fn read_worker(
     worker: u64,
     mut socket: tokio::net::unix::OwnedReadHalf,
@@ -1007,22 +1040,53 @@ async fn read_worker(
     let send = |kind| {
         let _ = events.send(WorkerEvent { worker, kind });
     };
-    let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, &mut socket);
-    let mut body = Vec::new();
-    let reason = loop {
-        match protocol::read_body_async(&mut reader, &mut body).await {
-            Ok(true) => match protocol::decode_worker_message(&body) {
-                Ok(message) => send(WorkerEventKind::Message(message)),
-                Err(error) => break format!("sent an undecodable frame: {error}"),
+    let mut frames = protocol::FrameAssembler::new();
+    let mut exited = None;
+    let mut drain_until = None;
+    let reason = 'read: loop {
+        loop {
+            match frames.next_frame() {
+                Ok(Some(body)) => match protocol::decode_worker_message(body) {
+                    Ok(message) => send(WorkerEventKind::Message(message)),
+                    Err(error) => break 'read format!("sent an undecodable frame: {error}"),
+                },
+                Ok(None) => break,
+                Err(error) => break 'read format!("sent a bad frame: {error}"),
+            }
+        }
+
+        let buffer = frames.buffer();
+        buffer.reserve(64 * 1024);
+        tokio::select! {
+            read = socket.read_buf(buffer) => match read {
+                Ok(0) if frames.has_partial() => break "closed its socket mid-frame".into(),
+                Ok(0) => break String::from("closed its socket"),
+                Ok(_) => {}
+                Err(error) => break format!("socket failed: {error}"),
             },
-            Ok(false) => break String::from("closed its socket"),
-            Err(error) => break format!("sent a bad frame: {error}"),
+            status = child.wait(), if exited.is_none() => {
+                exited = Some(status);
+                drain_until = Some(tokio::time::Instant::now() + EXIT_DRAIN);
+            }
+            () = sleep_until_some(drain_until) => {
+                break String::from("exited; its socket is held open by a process it started");
+            }
         }
     };
     send(WorkerEventKind::Broken(reason));
-    drop(reader);
     drop(socket);
-    send(WorkerEventKind::Exited(child.wait().await));
+    let status = match exited {
+        Some(status) => status,
+        None => child.wait().await,
+    };
+    send(WorkerEventKind::Exited(status));
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Forwards a worker's output stream to the output thread, line by line.

@@ -153,41 +153,59 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-/// Reads the next frame body from an async source into `body`.
+/// Cuts frames out of bytes that arrive in arbitrary pieces.
 ///
-/// Returns `Ok(false)` at a clean end of file between frames. Like
-/// [`FrameReader::read_body`], it never allocates more than the peer sends.
-///
-/// # Errors
-///
-/// As [`FrameReader::read_body`].
-///
-/// # Cancel safety
-///
-/// Not cancel safe: a cancelled read loses the part of the frame it read.
-pub async fn read_body_async<R>(reader: &mut R, body: &mut Vec<u8>) -> io::Result<bool>
-where
-    R: tokio::io::AsyncRead + Unpin,
-{
-    use tokio::io::AsyncReadExt;
+/// Reading into it (see [`FrameAssembler::buffer`]) and taking frames out
+/// are separate steps, so a read can be cancelled between two pieces without
+/// losing a byte: the supervisor races reads against the worker's exit.
+#[derive(Debug, Default)]
+pub struct FrameAssembler {
+    buf: Vec<u8>,
+    start: usize,
+}
 
-    let mut header = [0u8; 4];
-    let mut filled = 0;
-    while filled < header.len() {
-        match reader.read(&mut header[filled..]).await? {
-            0 if filled == 0 => return Ok(false),
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => filled += n,
+impl FrameAssembler {
+    /// An empty assembler.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The buffer to read more bytes into (append only).
+    ///
+    /// Bytes of frames already taken are dropped first, so the buffer holds
+    /// at most one partial frame plus what the last read brought.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
         }
+        &mut self.buf
     }
-    let len = check_len(header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
 
-    body.clear();
-    let got = (&mut *reader).take(len as u64).read_to_end(body).await?;
-    if got != len as usize {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+    /// Takes the next complete frame body, if one has arrived.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::TooLarge`] as soon as a header claims more than
+    /// [`MAX_FRAME`]: nothing is allocated for it.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        let pending = &self.buf[self.start..];
+        let Some(header) = pending.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = check_len(*header)? as usize;
+        if pending.len() < 4 + len {
+            return Ok(None);
+        }
+        let body = self.start + 4..self.start + 4 + len;
+        self.start = body.end;
+        Ok(Some(&self.buf[body]))
     }
-    Ok(true)
+
+    /// Whether bytes of an unfinished frame are waiting.
+    pub fn has_partial(&self) -> bool {
+        self.start < self.buf.len()
+    }
 }
 
 /// Checks a frame header and returns the body length.
@@ -450,6 +468,35 @@ mod tests {
         let mut reader = FrameReader::new(&[5, 0, 0, 0, 1, 2][..]);
         let error = reader.read_body(&mut Vec::new()).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn the_assembler_cuts_frames_from_any_pieces() {
+        let mut stream = Vec::new();
+        for id in 0..5u64 {
+            encode_done(&mut stream, id, 0, id * 10, &vec![b'x'; id as usize * 100]);
+        }
+        for piece in [1, 3, 7, 64, 1000] {
+            let mut assembler = FrameAssembler::new();
+            let mut ids = Vec::new();
+            for chunk in stream.chunks(piece) {
+                assembler.buffer().extend_from_slice(chunk);
+                while let Some(body) = assembler.next_frame().unwrap() {
+                    match decode_worker_message(body).unwrap() {
+                        WorkerMessage::Done(done) => ids.push(done.id),
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+            assert_eq!(ids, [0, 1, 2, 3, 4], "pieces of {piece}");
+            assert!(!assembler.has_partial());
+        }
+
+        let mut assembler = FrameAssembler::new();
+        assembler
+            .buffer()
+            .extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(assembler.next_frame(), Err(FrameError::TooLarge(u32::MAX)));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum EndingKind {
     Crash,
     /// The task ran past `--timeout` and its worker was killed.
     Timeout,
+    /// An allocation failed under `--memory-limit` and the worker died.
+    OutOfMemory,
     /// The worker broke the protocol or vanished for another reason.
     Lost,
 }
@@ -55,6 +57,7 @@ impl EndingKind {
             Self::BadParams => "bad-params",
             Self::Crash => "crash",
             Self::Timeout => "timeout",
+            Self::OutOfMemory => "out-of-memory",
             Self::Lost => "lost",
         }
     }
@@ -143,6 +146,8 @@ pub struct RunSummary {
     pub retried: u64,
     /// Worker processes started.
     pub workers_started: u64,
+    /// Tasks skipped because an earlier run finished them ok (`--resume`).
+    pub skipped: u64,
     /// Wall time of the run.
     pub wall: Duration,
     /// Sum of the plugin call times of the finished tasks' last attempts.
@@ -193,6 +198,13 @@ impl RunSummary {
             self.retried,
             plural(self.workers_started, "worker", "workers"),
         )?;
+        if self.skipped > 0 {
+            writeln!(
+                out,
+                "  {} skipped: ok in the results of an earlier run",
+                plural(self.skipped, "task", "tasks")
+            )?;
+        }
         for (index, ending) in &self.first_failed {
             writeln!(
                 out,

@@ -10,7 +10,8 @@
 //!
 //! Exit statuses: 0 when the supervisor closed the socket, [`EXIT_LOAD`]
 //! after a load failure was reported, [`EXIT_PROTOCOL`] when the socket broke
-//! or carried something that is no frame.
+//! or carried something that is no frame, [`EXIT_OUT_OF_MEMORY`] when an
+//! allocation failed under the memory limit.
 
 use std::ffi::c_void;
 use std::fs::File;
@@ -33,6 +34,49 @@ pub const EXIT_LOAD: i32 = 101;
 
 /// Exit status when the protocol socket broke.
 pub const EXIT_PROTOCOL: i32 = 102;
+
+/// Exit status when the plugin aborted because an allocation failed under
+/// the worker's memory limit.
+pub const EXIT_OUT_OF_MEMORY: i32 = 103;
+
+/// Turns an abort after a failed allocation into [`EXIT_OUT_OF_MEMORY`].
+///
+/// Rust's default allocation-error handler prints a line and calls
+/// `abort()`; nothing between the failed `mmap` or `brk` and the abort
+/// makes a failing system call, so `errno` still says `ENOMEM` when
+/// `SIGABRT` arrives. Any other abort returns from this handler, and
+/// `abort()` then kills the process with `SIGABRT` as usual.
+extern "C" fn on_abort(_signal: libc::c_int) {
+    // SAFETY: reading this thread's errno is async-signal-safe, and
+    // `_exit` is too.
+    unsafe {
+        if *libc::__errno_location() == libc::ENOMEM {
+            libc::_exit(EXIT_OUT_OF_MEMORY);
+        }
+    }
+}
+
+/// Installs [`on_abort`] when the worker runs under a memory limit.
+fn watch_for_out_of_memory() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let limited = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0
+        && limit.rlim_cur != libc::RLIM_INFINITY;
+    if !limited {
+        return;
+    }
+    // SAFETY: a zeroed sigaction is a valid starting value; the handler is
+    // an `extern "C" fn(c_int)` that only does async-signal-safe work.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_abort as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGABRT, &action, std::ptr::null_mut());
+    }
+}
 
 /// Runs the worker if this process was started as one.
 ///
@@ -154,13 +198,22 @@ fn serve() -> i32 {
     // SAFETY: the supervisor put a connected socket on WORKER_FD before exec
     // and nothing else in this process owns that descriptor.
     let socket = unsafe { UnixStream::from_raw_fd(WORKER_FD) };
-    let Ok(read_half) = socket.try_clone() else {
-        return EXIT_PROTOCOL;
-    };
-    let mut writer = socket;
-    let mut reader = FrameReader::new(BufReader::with_capacity(64 * 1024, read_half));
+    // The socket is never closed by this process: a plugin that closed it
+    // already would make that close fail, and the standard library treats
+    // such a failure as a fatal bug. It dies with the process.
+    let socket = std::mem::ManuallyDrop::new(socket);
+    // Programs a plugin executes must not inherit the socket.
+    // SAFETY: fcntl on our own descriptor, with an integer argument.
+    unsafe {
+        libc::fcntl(WORKER_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    // Both directions share the one descriptor: the plugin sees exactly
+    // stdin, stdout, stderr and the socket, nothing else of the worker's.
+    let mut writer = &*socket;
+    let mut reader = FrameReader::new(BufReader::with_capacity(64 * 1024, &*socket));
     let mut frame = Vec::with_capacity(4096);
 
+    watch_for_out_of_memory();
     let plugin = match load() {
         Ok(plugin) => plugin,
         Err(message) => {

@@ -10,3 +10,6 @@ mod main_job;
 mod faults;
 // Bad input and bad plugins: refused before any task runs.
 mod input;
+// Faults around a task: signals, SIGKILL and resume, overwritten plugins,
+// disks that fill up, and everything a plugin can do to its worker.
+mod reliability;

@@ -33,7 +33,16 @@ fn built_libraries() -> &'static Vec<(String, PathBuf)> {
         let output = Command::new(cargo)
             .args(["build", "--release", "--message-format=json"])
             .args([
-                "-p", "test", "-p", "sha256", "-p", "faulty", "-p", "bad-abi",
+                "-p",
+                "test",
+                "-p",
+                "sha256",
+                "-p",
+                "faulty",
+                "-p",
+                "bad-abi",
+                "-p",
+                "load-crash",
             ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stderr(Stdio::inherit())
@@ -276,4 +285,117 @@ pub fn write_lines(dir: &Path, name: &str, lines: &[Value]) -> PathBuf {
     let text: String = lines.iter().map(|v| format!("{v}\n")).collect();
     std::fs::write(&path, text).expect("write params");
     path
+}
+
+/// A runner started in the background, its output going to files.
+pub struct Background {
+    child: std::process::Child,
+    started: Instant,
+    out_path: PathBuf,
+    err_path: PathBuf,
+    args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Background {
+    /// Starts `command` with stdout and stderr captured to files.
+    pub fn start(mut command: Command) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out_path = dir.path().join("stdout");
+        let err_path = dir.path().join("stderr");
+        let args = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        command
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap());
+        let child = command.spawn().expect("runner starts");
+        Self {
+            child,
+            started: Instant::now(),
+            out_path,
+            err_path,
+            args,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `signal` to the runner.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: the pid is our own child's, not yet waited for.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// What the runner wrote to stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        std::fs::read_to_string(&self.err_path).unwrap_or_default()
+    }
+
+    /// Waits until `cond` holds, or fails the test past `limit`.
+    pub fn wait_until(&self, limit: Duration, what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; stderr so far:\n{}",
+                self.stderr_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the runner to exit; kills it and fails past `limit`.
+    pub fn wait(mut self, limit: Duration) -> Run {
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for runner") {
+                break status;
+            }
+            if self.started.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("runner ran past {limit:?}:\n{}", self.stderr_so_far());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Run {
+            status,
+            stdout: std::fs::read_to_string(&self.out_path).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&self.err_path).unwrap_or_default(),
+            elapsed: self.started.elapsed(),
+            args: self.args,
+        }
+    }
+}
+
+/// How many complete lines a file has.
+pub fn count_lines(path: &Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+        .unwrap_or(0)
+}
+
+/// A `faulty` command over a params file in `work`, with results next to
+/// it.
+pub fn faulty_command(work: &Path, params: &[Value], extra: &[&str]) -> (Command, PathBuf) {
+    let params = write_lines(work, "params.jsonl", params);
+    let results = work.join("results.jsonl");
+    let mut command = runner();
+    command
+        .args(["--task", "faulty"])
+        .args(extra)
+        .arg("--params")
+        .arg(&params)
+        .arg("--results")
+        .arg(&results)
+        .arg("--work-dir")
+        .arg(work);
+    (command, results)
 }

@@ -21,7 +21,9 @@
 //! | `close-protocol` | `fd`              | closes that descriptor and returns            |
 //! | `garbage`        | `fd`              | writes bytes that are no frame to that descriptor |
 //! | `huge-frame`     | `fd`              | writes a frame header claiming 4 GiB          |
-//! | `escape`         | `ms`              | forks a child that calls `setsid` and sleeps   |
+//! | `escape`         | `ms`, `pidfile`   | forks a child that calls `setsid` and sleeps   |
+//! | `fork-hang`      |                   | forks a child that sleeps, then hangs itself   |
+//! | `fds`            |                   | returns the worker's open descriptors          |
 //!
 //! With `once` set to a file path, the behaviour happens only when that file
 //! does not exist yet (the plugin creates it first); otherwise the task
@@ -56,6 +58,8 @@ pub struct Params {
     fd: i32,
     #[serde(default)]
     once: Option<PathBuf>,
+    #[serde(default)]
+    pidfile: Option<PathBuf>,
 }
 
 fn default_fd() -> i32 {
@@ -83,6 +87,8 @@ enum Action {
     Garbage,
     HugeFrame,
     Escape,
+    ForkHang,
+    Fds,
 }
 
 #[inline(never)]
@@ -93,11 +99,13 @@ fn recurse(depth: u64) -> u64 {
     recurse(depth + 1) + frame[0]
 }
 
-fn fork_sleeper(ms: u64, new_session: bool) {
+/// Forks a child that sleeps `ms`; returns its pid.
+fn fork_sleeper(ms: u64, new_session: bool) -> i32 {
     // SAFETY: the child only calls async-signal-safe functions (setsid,
     // sleep through nanosleep, _exit) before it ends.
     unsafe {
-        if libc::fork() == 0 {
+        let pid = libc::fork();
+        if pid == 0 {
             if new_session {
                 libc::setsid();
             }
@@ -108,7 +116,26 @@ fn fork_sleeper(ms: u64, new_session: bool) {
             libc::nanosleep(&time, std::ptr::null_mut());
             libc::_exit(0);
         }
+        pid
     }
+}
+
+fn open_descriptors() -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort_unstable();
+    // The directory listing itself holds one descriptor while it is read;
+    // it is closed by now.
+    fds.retain(|fd| {
+        // SAFETY: F_GETFD only queries a descriptor number.
+        unsafe { libc::fcntl(*fd, libc::F_GETFD) != -1 }
+    });
+    fds
 }
 
 fn write_fd(fd: i32, bytes: &[u8]) {
@@ -170,8 +197,21 @@ pub fn run(params: Params) -> Result<Value, TaskError> {
                 blocks.push(std::hint::black_box(block));
             }
         }
-        Action::Orphan => fork_sleeper(params.ms, false),
-        Action::Escape => fork_sleeper(params.ms, true),
+        Action::Orphan => {
+            fork_sleeper(params.ms, false);
+        }
+        Action::Escape => {
+            let pid = fork_sleeper(params.ms, true);
+            if let Some(pidfile) = &params.pidfile {
+                std::fs::write(pidfile, pid.to_string())
+                    .map_err(|e| TaskError::permanent(format!("cannot write pidfile: {e}")))?;
+            }
+        }
+        Action::ForkHang => {
+            fork_sleeper(3_600_000, false);
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        Action::Fds => return Ok(Value::from(open_descriptors())),
         Action::CloseProtocol => {
             // SAFETY: closing a descriptor number is sound; this is the fault
             // under test.
