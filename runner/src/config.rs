@@ -31,8 +31,19 @@ pub struct HumanDuration(pub Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse_duration(&text).map(Self).map_err(de::Error::custom)
+        struct DurationVisitor;
+        impl de::Visitor<'_> for DurationVisitor {
+            type Value = HumanDuration;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration in quotes, such as \"500ms\", \"60s\" or \"2m\"")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                parse_duration(v).map(HumanDuration).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(DurationVisitor)
     }
 }
 
@@ -164,6 +175,40 @@ pub enum ConfigError {
     },
 }
 
+/// "line L, column C, key K: message", on one line, from toml's error and
+/// the text it was parsing.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    let Some(span) = error.span() else {
+        return message.to_string();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.len() - line_start + 1;
+
+    // Name the key when the error sits on a `key = value` line, with the
+    // table it is in.
+    let line_text = text[line_start..].lines().next().unwrap_or_default();
+    let key = line_text
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('['));
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (key, table) {
+        (Some(key), Some(table)) => {
+            format!("line {line}, column {column}, key `{table}.{key}`: {message}")
+        }
+        (Some(key), None) => format!("line {line}, column {column}, key `{key}`: {message}"),
+        (None, _) => format!("line {line}, column {column}: {message}"),
+    }
+}
+
 impl ConfigFile {
     /// Reads and parses a config file; relative paths in it are made
     /// relative to the file's folder.
@@ -179,7 +224,7 @@ impl ConfigFile {
         })?;
         let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+            message: describe_toml_error(&text, &e),
         })?;
 
         let base = path.parent().unwrap_or(Path::new("."));
@@ -212,6 +257,16 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("banana").unwrap_err().contains("`banana`"));
+    }
+
+    #[test]
+    fn toml_errors_are_one_line_with_line_and_column() {
+        let text = "retries = 1\n  bogus = 2\n";
+        let error = toml::from_str::<ConfigFile>(text).unwrap_err();
+        let message = describe_toml_error(text, &error);
+        let expected = "line 2, column 3, key `bogus`: unknown field `bogus`";
+        assert!(message.starts_with(expected), "{message}");
+        assert!(!message.contains('\n'), "{message}");
     }
 
     #[test]

@@ -13,3 +13,5 @@ mod input;
 // Faults around a task: signals, SIGKILL and resume, overwritten plugins,
 // disks that fill up, and everything a plugin can do to its worker.
 mod reliability;
+// Where plugins may come from, and what a worker may see.
+mod security;
