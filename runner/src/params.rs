@@ -394,4 +394,39 @@ mod tests {
             .to_string();
         assert!(err.contains("line 2"), "{err}");
     }
+
+    // Fuzz target: any bytes as JSON Lines give tasks or an error naming a
+    // line, never a panic. A longer run:
+    // `PROPTEST_CASES=200000 cargo test -p runner --lib fuzz_`.
+    proptest::proptest! {
+        #[test]
+        fn fuzz_json_lines_reader(input in proptest::collection::vec(proptest::num::u8::ANY, 0..1024)) {
+            let lines = input.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+            let mut tasks = 0u64;
+            match read_lines(&input[..], "fuzz", |json| {
+                tasks += 1;
+                serde_json::from_slice::<IgnoredAny>(&json).is_ok()
+            }) {
+                Ok(()) => proptest::prop_assert!(tasks <= lines),
+                Err(ParamsError::Line { line, .. }) => proptest::prop_assert!(line <= lines),
+                Err(other) => proptest::prop_assert!(false, "unexpected error {other}"),
+            }
+        }
+
+        #[test]
+        fn fuzz_json_lines_of_values_round_trip(values in proptest::collection::vec(
+            proptest::prelude::any::<(i64, String, bool)>(), 0..20,
+        )) {
+            let input: String = values
+                .iter()
+                .map(|v| format!("{}\n", serde_json::json!([v.0, v.1, v.2])))
+                .collect();
+            let mut seen = Vec::new();
+            read_lines(input.as_bytes(), "fuzz", |json| {
+                seen.push(serde_json::from_slice::<(i64, String, bool)>(&json).unwrap());
+                true
+            }).unwrap();
+            proptest::prop_assert_eq!(seen, values);
+        }
+    }
 }

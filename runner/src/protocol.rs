@@ -504,4 +504,52 @@ mod tests {
         let mut reader = FrameReader::new(&[][..]);
         assert!(!reader.read_body(&mut Vec::new()).unwrap());
     }
+
+    // Fuzz targets: arbitrary bytes never panic a decoder, and never make
+    // a reader hold more than it was sent. A longer run:
+    // `PROPTEST_CASES=200000 cargo test -p runner --lib fuzz_`.
+    proptest::proptest! {
+        #[test]
+        fn fuzz_decoders_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode_worker_message(&body);
+            let _ = decode_task(&body);
+        }
+
+        #[test]
+        fn fuzz_assembler_takes_only_whole_frames(
+            stream in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+            piece in 1usize..300,
+        ) {
+            let mut assembler = FrameAssembler::new();
+            let mut taken = 0;
+            'feed: for chunk in stream.chunks(piece) {
+                assembler.buffer().extend_from_slice(chunk);
+                loop {
+                    match assembler.next_frame() {
+                        Ok(Some(body)) => {
+                            taken += 4 + body.len();
+                            let _ = decode_worker_message(body);
+                        }
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+            }
+            proptest::prop_assert!(taken <= stream.len());
+        }
+
+        #[test]
+        fn fuzz_frame_reader_holds_no_more_than_it_was_sent(
+            stream in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+        ) {
+            let mut reader = FrameReader::new(&stream[..]);
+            let mut body = Vec::new();
+            while let Ok(true) = reader.read_body(&mut body) {
+                proptest::prop_assert!(body.len() <= stream.len());
+                let _ = decode_task(&body);
+            }
+            // Growth is geometric from what arrived, never from what a header claims.
+            proptest::prop_assert!(body.capacity() <= 2 * stream.len() + 4096);
+        }
+    }
 }
