@@ -362,8 +362,66 @@ pub mod __private {
 
     use super::{CallStatus, Fallback, Sink, TaskFailure};
     use std::any::Any;
+    use std::cell::{Cell, RefCell};
     use std::ffi::c_void;
     use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::Once;
+
+    thread_local! {
+        /// Set while a task call runs on this thread.
+        static IN_TASK: Cell<bool> = const { Cell::new(false) };
+        /// Where the last caught task panic happened.
+        static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    /// Installs, once, a panic hook that keeps quiet about panics inside a
+    /// task call and notes their location for the task's message instead.
+    /// Panics elsewhere (threads the plugin started) go to the hook that
+    /// was there before.
+    fn install_panic_hook() {
+        static HOOK: Once = Once::new();
+        HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if IN_TASK.with(Cell::get) {
+                    let location = info
+                        .location()
+                        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+                    PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
+                } else {
+                    previous(info);
+                }
+            }));
+        });
+    }
+
+    /// Marks this thread as running a task for the guard's lifetime.
+    struct InTask;
+
+    impl InTask {
+        fn enter() -> Self {
+            IN_TASK.with(|flag| flag.set(true));
+            PANIC_LOCATION.with(|slot| slot.borrow_mut().take());
+            Self
+        }
+    }
+
+    impl Drop for InTask {
+        fn drop(&mut self) {
+            IN_TASK.with(|flag| flag.set(false));
+        }
+    }
+
+    /// serde_json's message for params that did not decode, with the column
+    /// instead of its "at line 1 column N" (params are always one line).
+    fn params_error(error: &serde_json::Error) -> String {
+        let text = error.to_string();
+        let message = match text.rfind(" at line ") {
+            Some(at) => &text[..at],
+            None => &text,
+        };
+        format!("{message} (params column {})", error.column())
+    }
 
     /// The setup used when a plugin declares none.
     pub fn no_setup() -> Result<(), std::convert::Infallible> {
@@ -401,6 +459,7 @@ pub mod __private {
         F: FnOnce() -> Result<S, E>,
         E: TaskFailure,
     {
+        install_panic_hook();
         let message = match catch_unwind(AssertUnwindSafe(init)) {
             Ok(Ok(state)) => return Box::into_raw(Box::new(state)).cast(),
             Ok(Err(error)) => error.message(),
@@ -440,11 +499,12 @@ pub mod __private {
         // SAFETY: `state` is the live box that `setup` made for this `S`.
         let state = unsafe { &mut *state.cast::<S>() };
 
+        let guard = InTask::enter();
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let params: P = match serde_json::from_slice(bytes) {
                 Ok(params) => params,
                 Err(error) => {
-                    return (CallStatus::BadParams, error.to_string().into_bytes());
+                    return (CallStatus::BadParams, params_error(&error).into_bytes());
                 }
             };
             match run(state, params) {
@@ -466,9 +526,17 @@ pub mod __private {
                 }
             }
         }));
+        drop(guard);
         let (status, bytes) = match outcome {
             Ok(pair) => pair,
-            Err(payload) => (CallStatus::Panic, panic_message(&*payload).into_bytes()),
+            Err(payload) => {
+                let message = panic_message(&*payload);
+                let text = match PANIC_LOCATION.with(|slot| slot.borrow_mut().take()) {
+                    Some(location) => format!("panicked at {location}: {message}"),
+                    None => format!("panicked: {message}"),
+                };
+                (CallStatus::Panic, text.into_bytes())
+            }
         };
 
         // SAFETY: forwarded from this function's contract.

@@ -151,7 +151,12 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     let mut report = runtime
         .block_on(pool::run_pool(&library, &options, params, total, sink))
         .context("cannot run the pool")?;
-    report.summary.skipped = skipped.load(Ordering::Relaxed);
+    let summary = &mut report.summary;
+    summary.skipped = skipped.load(Ordering::Relaxed);
+    summary.recorded = settings.results.is_some();
+    if let Some(total) = total {
+        summary.not_run = total.saturating_sub(summary.skipped + summary.ok + summary.failed);
+    }
 
     let mut stderr = io::stderr().lock();
     let _ = report.summary.write_to(&mut stderr);

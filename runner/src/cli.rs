@@ -70,7 +70,7 @@ pub struct Cli {
     #[arg(short, long)]
     pub quiet: bool,
 
-    /// Log more: -v for the run's events, -vv for every task
+    /// Log more: -v for the run's events, -vv for every task, -vvv for every frame
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }

@@ -8,7 +8,8 @@
 //!   Blank lines are skipped; line numbers in errors count them.
 //!
 //! A file is checked whole before the first task is handed out, so a bad
-//! line in it means no task runs. Stdin cannot be read twice: its lines are
+//! line in it means no task runs. Stdin, and a path that is no regular file
+//! (a pipe such as `<(...)`, a device), cannot be read twice: their lines are
 //! checked as they arrive, and a bad one stops the run at that line.
 //!
 //! Params are read by a thread of their own and handed to the pool through
@@ -49,13 +50,15 @@ pub enum ParamsSource {
     JsonLines(PathBuf),
     /// JSON Lines on stdin.
     Stdin,
+    /// JSON Lines from a pipe or device that can be read only once.
+    Pipe(PathBuf),
 }
 
 /// A params problem, naming the place.
 #[derive(Debug, thiserror::Error)]
 pub enum ParamsError {
     /// The source could not be opened or read.
-    #[error("cannot read params from {place}: {source}")]
+    #[error("cannot read params from {place}")]
     Read {
         /// The file, or "stdin".
         place: String,
@@ -90,8 +93,11 @@ impl ParamsSource {
     /// Chooses the source for `--params PATH`: `-` is stdin, `.json` an
     /// array, anything else JSON Lines.
     pub fn from_path(path: &Path) -> Self {
+        let regular = std::fs::metadata(path).map_or(true, |m| m.is_file());
         if path == Path::new("-") {
             Self::Stdin
+        } else if !regular {
+            Self::Pipe(path.to_path_buf())
         } else if path.extension().is_some_and(|e| e == "json") {
             Self::JsonArray(path.to_path_buf())
         } else {
@@ -143,7 +149,7 @@ impl ParamsSource {
                 })?;
                 Ok(Some(count))
             }
-            Self::Stdin => Ok(None),
+            Self::Stdin | Self::Pipe(_) => Ok(None),
         }
     }
 
@@ -195,6 +201,7 @@ impl ParamsSource {
             Self::JsonArray(path) => read_array(path, next),
             Self::JsonLines(path) => read_lines(open(path)?, &place_of(path), next),
             Self::Stdin => read_lines(io::stdin().lock(), "stdin", next),
+            Self::Pipe(path) => read_lines(open(path)?, &place_of(path), next),
         }
     }
 }

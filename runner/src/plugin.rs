@@ -33,7 +33,11 @@ pub enum PluginError {
     #[error("invalid task name `{0}`: use letters, digits, `-` and `_` only (no paths)")]
     InvalidName(String),
     /// The work dir is missing or no directory.
-    #[error("work dir `{path}` is not a directory: {source}")]
+    #[error(
+        "cannot use work dir `{}`{} (set another with --work-dir DIR)",
+        path.display(),
+        relative_note(path)
+    )]
     WorkDir {
         /// The work dir as given.
         path: PathBuf,
@@ -42,7 +46,12 @@ pub enum PluginError {
         source: io::Error,
     },
     /// Neither a library nor a crate folder exists.
-    #[error("no task `{name}` in `{work_dir}`; looked for {}", looked.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", "))]
+    #[error(
+        "no task `{name}` in `{}`; looked for {}; {}",
+        work_dir.display(),
+        looked.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", "),
+        list_available(available)
+    )]
     NotFound {
         /// The task name.
         name: String,
@@ -50,6 +59,8 @@ pub enum PluginError {
         work_dir: PathBuf,
         /// Every path that was tried.
         looked: Vec<PathBuf>,
+        /// The tasks the work dir does hold.
+        available: Vec<String>,
     },
     /// A path is writable by others or owned by another user.
     #[error("refusing to load from `{path}`: it {problem}; {fix}")]
@@ -90,7 +101,7 @@ pub enum PluginError {
         reason: String,
     },
     /// Reading the library or making its snapshot failed.
-    #[error("cannot snapshot `{path}`: {source}")]
+    #[error("cannot snapshot `{}`", path.display())]
     Snapshot {
         /// The library file.
         path: PathBuf,
@@ -98,6 +109,42 @@ pub enum PluginError {
         #[source]
         source: io::Error,
     },
+}
+
+fn relative_note(path: &Path) -> String {
+    match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => format!(", relative to `{}`", cwd.display()),
+        _ => String::new(),
+    }
+}
+
+fn list_available(available: &[String]) -> String {
+    if available.is_empty() {
+        String::from("the work dir holds no tasks")
+    } else {
+        format!("tasks in the work dir: {}", available.join(", "))
+    }
+}
+
+/// The task names a work dir holds: `libNAME.so` files and crate folders.
+pub fn available_tasks(work_dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(work_dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            if let Some(task) = name.strip_prefix("lib").and_then(|n| n.strip_suffix(".so")) {
+                return Some(task.to_string());
+            }
+            entry.path().join("Cargo.toml").is_file().then_some(name)
+        })
+        .filter(|name| validate_name(name).is_ok())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// A plugin library ready for workers: a sealed in-memory copy.
@@ -199,6 +246,7 @@ pub fn locate(work_dir: &Path, name: &str) -> Result<PathBuf, PluginError> {
         name: name.to_string(),
         work_dir: work_dir.to_path_buf(),
         looked,
+        available: available_tasks(work_dir),
     })
 }
 
@@ -224,7 +272,8 @@ fn check_private(path: &Path) -> Result<(), PluginError> {
         });
     }
     let mode = meta.mode();
-    if mode & 0o022 != 0 {
+    let group_writable = mode & 0o020 != 0 && !is_private_group(meta.gid(), meta.uid());
+    if mode & 0o002 != 0 || group_writable {
         let who = if mode & 0o002 != 0 {
             "others"
         } else {
@@ -237,6 +286,67 @@ fn check_private(path: &Path) -> Result<(), PluginError> {
         });
     }
     Ok(())
+}
+
+/// Whether group `gid` is the private group of user `uid`: the user's
+/// primary group, named like the user, with no other listed member. Where
+/// every user has such a group (umask 002), group write access gives no one
+/// else write access, so it is allowed.
+fn is_private_group(gid: u32, uid: u32) -> bool {
+    let mut buf = vec![0u8; 16 * 1024];
+
+    // SAFETY: a zeroed passwd is a valid out-parameter; getpwuid_r writes
+    // into it and into `buf`, whose length is passed, and sets `result` to
+    // null or to `pwd`.
+    let (user, primary) = unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(
+            uid,
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() {
+            return false;
+        }
+        (
+            std::ffi::CStr::from_ptr(pwd.pw_name).to_bytes().to_vec(),
+            pwd.pw_gid,
+        )
+    };
+    if primary != gid {
+        return false;
+    }
+
+    // SAFETY: as above, for getgrgid_r; `gr_mem` is a null-terminated array
+    // of C strings inside `buf`.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut result = std::ptr::null_mut();
+        let rc = libc::getgrgid_r(
+            gid,
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() {
+            return false;
+        }
+        if std::ffi::CStr::from_ptr(grp.gr_name).to_bytes() != user.as_slice() {
+            return false;
+        }
+        let mut member = grp.gr_mem;
+        while !member.is_null() && !(*member).is_null() {
+            if std::ffi::CStr::from_ptr(*member).to_bytes() != user.as_slice() {
+                return false;
+            }
+            member = member.add(1);
+        }
+    }
+    true
 }
 
 /// Builds a crate folder with cargo in release mode and returns its cdylib.

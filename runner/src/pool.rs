@@ -171,7 +171,7 @@ pub enum PoolError {
         status: String,
     },
     /// A worker process could not be started.
-    #[error("cannot start a worker `{}`: {source}", executable.display())]
+    #[error("cannot start a worker `{}`", executable.display())]
     Spawn {
         /// The executable.
         executable: PathBuf,
@@ -183,7 +183,7 @@ pub enum PoolError {
     #[error(transparent)]
     Params(#[from] ParamsError),
     /// Writing a record failed.
-    #[error("cannot write results: {0}")]
+    #[error("cannot write results")]
     Results(#[source] io::Error),
     /// A worker spoke another protocol version.
     #[error("worker pid {pid} speaks protocol version {theirs}, this runner {PROTOCOL_VERSION}")]
@@ -506,12 +506,18 @@ impl<'a> Pool<'a> {
     /// Hands queued tasks to workers with room, starts workers that are
     /// needed and closes workers that are not.
     fn dispatch(&mut self) {
-        let no_more_work = self.stopping || (self.params.is_none() && self.queue.is_empty());
-        if no_more_work {
-            for slot in self.workers.values_mut() {
-                if slot.in_flight.is_empty() && slot.frames.is_some() {
-                    tracing::trace!(pid = slot.pid, "closing idle worker");
-                    slot.frames = None;
+        // Idle workers close once nothing can need them again: when the run
+        // stops, or when no task is left and none is running that could
+        // fail and come back for a retry.
+        let drained = self.params.is_none() && self.queue.is_empty();
+        if self.stopping || drained {
+            let running = self.workers.values().any(|s| !s.in_flight.is_empty());
+            if self.stopping || !running {
+                for slot in self.workers.values_mut() {
+                    if slot.in_flight.is_empty() && slot.frames.is_some() {
+                        tracing::trace!(pid = slot.pid, "closing idle worker");
+                        slot.frames = None;
+                    }
                 }
             }
             return;
@@ -541,7 +547,7 @@ impl<'a> Pool<'a> {
                 if slot.in_flight.is_empty() {
                     slot.running_since = Instant::now();
                 }
-                tracing::trace!(task = task.params.index, pid = slot.pid, "dispatched");
+                tracing::debug!(task = task.params.index, pid = slot.pid, "dispatched");
                 // A closed channel means the writer died with the socket; the
                 // reader reports that, and the task is settled on exit.
                 let _ = frames.send(self.frame.clone());
@@ -793,7 +799,7 @@ impl<'a> Pool<'a> {
             }
         };
         let message = match kind {
-            EndingKind::Panic => format!("panicked: {}", message()),
+            EndingKind::Panic => message(),
             EndingKind::BadParams => format!("params do not fit the task: {}", message()),
             _ => message(),
         };
@@ -935,7 +941,12 @@ impl<'a> Pool<'a> {
             outcome,
             endings: task.endings,
         };
-        tracing::trace!(task = record.index, ok = record.is_ok(), "task finished");
+        tracing::debug!(
+            task = record.index,
+            ok = record.is_ok(),
+            attempts = record.attempts,
+            "task finished"
+        );
         self.summary.count(&record);
         if let Err(error) = self.sink.record(&record) {
             self.fail(PoolError::Results(error), true);

@@ -148,6 +148,11 @@ pub struct RunSummary {
     pub workers_started: u64,
     /// Tasks skipped because an earlier run finished them ok (`--resume`).
     pub skipped: u64,
+    /// Tasks known to exist that never finished: the run stopped early.
+    pub not_run: u64,
+    /// Whether the records went to a results file; if not, the summary
+    /// says how to get all of them.
+    pub recorded: bool,
     /// Wall time of the run.
     pub wall: Duration,
     /// Sum of the plugin call times of the finished tasks' last attempts.
@@ -213,10 +218,26 @@ impl RunSummary {
             )?;
         }
         if self.failed > self.first_failed.len() as u64 {
+            let hint = if self.recorded {
+                ""
+            } else {
+                "; --results FILE records them all"
+            };
             writeln!(
                 out,
-                "  ... and {} more failed tasks",
-                self.failed - self.first_failed.len() as u64
+                "  ... and {} more failed{hint}",
+                plural(
+                    self.failed - self.first_failed.len() as u64,
+                    "task",
+                    "tasks"
+                ),
+            )?;
+        }
+        if self.not_run > 0 {
+            writeln!(
+                out,
+                "  {} not run: the run stopped early",
+                plural(self.not_run, "task", "tasks")
             )?;
         }
         Ok(())

@@ -32,7 +32,7 @@ pub struct FinishedTasks {
 #[derive(Debug, thiserror::Error)]
 pub enum ResumeError {
     /// Reading or truncating failed.
-    #[error("cannot resume from `{}`: {source}", path.display())]
+    #[error("cannot resume from `{}`", path.display())]
     Io {
         /// The results file.
         path: PathBuf,

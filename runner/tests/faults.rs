@@ -98,6 +98,13 @@ fn an_exit_with_code_3_fails_only_its_own_task() {
 fn a_panic_fails_its_attempts_and_keeps_the_worker() {
     let (run, bad) = run_one_bad_among_200(json!({"do": "panic", "message": "kaboom"}), 2);
     assert_every_ending(&run, &bad, "panic", "kaboom", 3);
+    // The message says where, as Rust's own panic message would.
+    let message = bad["error"]["message"].as_str().unwrap();
+    check!(
+        run,
+        message.starts_with("panicked at ") && message.contains("faulty/src/lib.rs:")
+    );
+    check!(run, message.ends_with(": kaboom"), "{message}");
     check!(
         run,
         run.worker_pids().len() == 2,

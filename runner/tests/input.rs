@@ -42,6 +42,21 @@ fn a_missing_task_lists_the_paths_looked_at() {
         check!(run, run.stderr.contains(&path), "missing {path}");
     }
     check!(run, run.stderr.starts_with("error: no task `no-such`"));
+    check!(run, run.stderr.contains("; the work dir holds no tasks"));
+
+    let work = work_dir_with(&["test", "faulty"]);
+    let mut command = runner();
+    command
+        .args(["--task", "tset", "--range", "0..1", "--work-dir"])
+        .arg(work.path());
+    let listed = crate::util::run(command, Duration::from_secs(30));
+    check!(listed, listed.code() == Some(2));
+    check!(
+        listed,
+        listed
+            .stderr
+            .contains("; tasks in the work dir: faulty, test")
+    );
 }
 
 #[test]

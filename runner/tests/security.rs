@@ -38,6 +38,14 @@ fn a_library_linked_from_outside_the_work_dir_is_refused() {
 fn a_library_or_work_dir_that_others_can_write_is_refused_with_the_fix() {
     let work = work_dir_with(&["test"]);
     let library = work.path().join("libtest.so");
+    // Group write access matters when the group is not the owner's private
+    // one: give the file to the `nogroup` group.
+    let c_path = std::ffi::CString::new(library.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: chown on a path we created; -1 leaves the owner as it is.
+    if unsafe { libc::chown(c_path.as_ptr(), u32::MAX, 65534) } != 0 {
+        eprintln!("skipped the group part: cannot give a file to group 65534 as this user");
+        return;
+    }
     std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o775)).unwrap();
     let run = refused(work.path(), "test");
     let expected = format!("run `chmod go-w {}`", library.display());
