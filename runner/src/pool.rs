@@ -60,6 +60,19 @@ use crate::protocol::{self, Hello, PROTOCOL_VERSION, TaskFrame, WorkerMessage};
 use crate::results::{Ending, EndingKind, RunSummary, TaskRecord};
 use crate::spawn::{self, WorkerLimits};
 
+/// How much work, in mean task time, the pool queues on one worker beyond
+/// the task it is running.
+///
+/// Sending tasks ahead saves a round trip per task, which is most of the
+/// cost of a task that takes microseconds. It costs balance at the end of a
+/// run (tasks wait behind others on one worker while another is idle), and
+/// nothing else: a worker that dies charges only the task it was running,
+/// and the ones queued behind it go back unchanged. Half a millisecond of
+/// queued work per worker keeps both costs small: tasks of 1 µs go 64 at a
+/// time (the default [`PoolOptions::max_window`]), tasks of 0.5 ms or more
+/// one at a time.
+pub const WINDOW_BUDGET: Duration = Duration::from_micros(500);
+
 /// How many workers in a row may die before their hello before the run
 /// stops.
 const UNBORN_LIMIT: u32 = 3;
@@ -101,8 +114,9 @@ pub struct PoolOptions {
     pub executable: PathBuf,
     /// Where task output goes.
     pub output: OutputMode,
-    /// Tasks sent ahead to each worker; at least 1.
-    pub window: usize,
+    /// The most tasks sent ahead to one worker. The pool sends fewer when
+    /// tasks are slow: see [`WINDOW_BUDGET`].
+    pub max_window: usize,
     /// Whether SIGINT and SIGTERM are handled by the pool.
     pub handle_signals: bool,
 }
@@ -122,7 +136,7 @@ impl PoolOptions {
             limits: WorkerLimits::default(),
             executable: std::env::current_exe()?,
             output: OutputMode::Normal,
-            window: 1,
+            max_window: 64,
             handle_signals: true,
         })
     }
@@ -249,7 +263,8 @@ struct WorkerSlot {
 
 #[derive(Debug)]
 enum WorkerEventKind {
-    Message(WorkerMessage),
+    /// Every message that one read of the socket completed, in order.
+    Messages(Vec<WorkerMessage>),
     Broken(String),
     Exited(io::Result<ExitStatus>),
 }
@@ -359,7 +374,9 @@ struct Pool<'a> {
     plugin: Option<Hello>,
     summary: RunSummary,
     started: Instant,
-    frame: Vec<u8>,
+    /// Mean plugin call time, as a moving average over recent tasks; `None`
+    /// before the first task ends.
+    mean_task: Option<Duration>,
 }
 
 impl<'a> Pool<'a> {
@@ -389,7 +406,7 @@ impl<'a> Pool<'a> {
             sink,
             params: Some(params),
             queue: VecDeque::new(),
-            queue_target: (workers * options.window.max(1)).max(64),
+            queue_target: (workers * options.max_window.max(1)).max(64),
             worker_target,
             workers: HashMap::new(),
             next_worker: 0,
@@ -406,7 +423,7 @@ impl<'a> Pool<'a> {
             plugin: None,
             summary: RunSummary::default(),
             started: Instant::now(),
-            frame: Vec::new(),
+            mean_task: None,
         }
     }
 
@@ -523,7 +540,7 @@ impl<'a> Pool<'a> {
             return;
         }
 
-        let window = self.options.window.max(1);
+        let window = self.window();
         for slot in self.workers.values_mut() {
             if !slot.ready || slot.killed.is_some() {
                 continue;
@@ -531,14 +548,16 @@ impl<'a> Pool<'a> {
             let Some(frames) = &slot.frames else {
                 continue;
             };
+            // Every task sent in this round goes in one buffer, and so in
+            // one write.
+            let mut batch = Vec::new();
             while slot.in_flight.len() < window {
                 let Some(mut task) = self.queue.pop_front() else {
                     break;
                 };
                 task.attempts += 1;
-                self.frame.clear();
                 protocol::encode_task(
-                    &mut self.frame,
+                    &mut batch,
                     &TaskFrame {
                         id: task.params.index,
                         params: &task.params.json,
@@ -548,10 +567,13 @@ impl<'a> Pool<'a> {
                     slot.running_since = Instant::now();
                 }
                 tracing::debug!(task = task.params.index, pid = slot.pid, "dispatched");
-                // A closed channel means the writer died with the socket; the
-                // reader reports that, and the task is settled on exit.
-                let _ = frames.send(self.frame.clone());
                 slot.in_flight.push_back(task);
+            }
+            if !batch.is_empty() {
+                // A closed channel means the writer died with the socket;
+                // the reader reports that, and the tasks are settled when
+                // the worker's exit arrives.
+                let _ = frames.send(batch);
             }
         }
 
@@ -624,6 +646,32 @@ impl<'a> Pool<'a> {
                 executable: self.options.executable.clone(),
                 source,
             })
+    }
+
+    /// How many tasks a worker may have sent ahead right now.
+    fn window(&self) -> usize {
+        let max = self.options.max_window.max(1);
+        match self.mean_task {
+            // Until a task has ended, nothing is known of their length.
+            None => 1,
+            Some(mean) => {
+                let fits = WINDOW_BUDGET.as_nanos() / mean.as_nanos().max(1);
+                usize::try_from(fits).unwrap_or(max).clamp(1, max)
+            }
+        }
+    }
+
+    /// Folds a finished call's time into the moving average.
+    fn observe_task_time(&mut self, duration: Duration) {
+        let before = self.window();
+        self.mean_task = Some(match self.mean_task {
+            None => duration,
+            Some(mean) => (mean * 15 + duration) / 16,
+        });
+        let after = self.window();
+        if before != after {
+            tracing::trace!(window = after, mean = ?self.mean_task, "send window changed");
+        }
     }
 
     /// The earliest moment the loop must act without an event.
@@ -714,21 +762,27 @@ impl<'a> Pool<'a> {
 
     fn on_event(&mut self, event: WorkerEvent) {
         match event.kind {
-            WorkerEventKind::Message(WorkerMessage::Hello(hello)) => {
-                self.on_hello(event.worker, hello)
+            WorkerEventKind::Messages(messages) => {
+                for message in messages {
+                    self.on_message(event.worker, message);
+                }
             }
-            WorkerEventKind::Message(WorkerMessage::LoadFailed(message)) => {
-                self.fail(
-                    PoolError::PluginLoad {
-                        library: self.library.source.clone(),
-                        message,
-                    },
-                    true,
-                );
-            }
-            WorkerEventKind::Message(WorkerMessage::Done(done)) => self.on_done(event.worker, done),
             WorkerEventKind::Broken(reason) => self.on_broken(event.worker, reason),
             WorkerEventKind::Exited(status) => self.on_exit(event.worker, status),
+        }
+    }
+
+    fn on_message(&mut self, worker: u64, message: WorkerMessage) {
+        match message {
+            WorkerMessage::Hello(hello) => self.on_hello(worker, hello),
+            WorkerMessage::LoadFailed(message) => {
+                let error = PoolError::PluginLoad {
+                    library: self.library.source.clone(),
+                    message,
+                };
+                self.fail(error, true);
+            }
+            WorkerMessage::Done(done) => self.on_done(worker, done),
         }
     }
 
@@ -778,6 +832,7 @@ impl<'a> Pool<'a> {
         slot.running_since = Instant::now();
         let pid = slot.pid;
         let duration = Duration::from_nanos(done.nanos);
+        self.observe_task_time(duration);
 
         let message = || String::from_utf8_lossy(&done.payload).into_owned();
         let kind = match CallStatus::from_u32(done.status) {
@@ -1055,15 +1110,22 @@ async fn read_worker(
     let mut exited = None;
     let mut drain_until = None;
     let reason = 'read: loop {
-        loop {
+        let mut messages = Vec::new();
+        let failure = loop {
             match frames.next_frame() {
                 Ok(Some(body)) => match protocol::decode_worker_message(body) {
-                    Ok(message) => send(WorkerEventKind::Message(message)),
-                    Err(error) => break 'read format!("sent an undecodable frame: {error}"),
+                    Ok(message) => messages.push(message),
+                    Err(error) => break Some(format!("sent an undecodable frame: {error}")),
                 },
-                Ok(None) => break,
-                Err(error) => break 'read format!("sent a bad frame: {error}"),
+                Ok(None) => break None,
+                Err(error) => break Some(format!("sent a bad frame: {error}")),
             }
+        };
+        if !messages.is_empty() {
+            send(WorkerEventKind::Messages(messages));
+        }
+        if let Some(reason) = failure {
+            break 'read reason;
         }
 
         let buffer = frames.buffer();

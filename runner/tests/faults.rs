@@ -265,3 +265,59 @@ fn permanent_errors_and_bad_params_are_not_retried() {
     );
     run.assert_no_leftovers();
 }
+
+#[test]
+fn tasks_sent_ahead_of_a_crash_are_neither_lost_nor_run_twice() {
+    let work = work_dir_with(&["faulty"]);
+    let log = work.path().join("ran.log");
+    let marker = work.path().join("crashed");
+    let mut params: Vec<Value> = (0..3000)
+        .map(|i| json!({"do": "ok", "value": i, "log": log}))
+        .collect();
+    params[2500] = json!({"do": "segfault", "value": 2500, "log": log, "once": marker});
+    let params = write_lines(work.path(), "params.jsonl", &params);
+    let results = work.path().join("results.jsonl");
+    let mut command = runner();
+    command
+        .env("RUNNER_LOG", "runner=trace")
+        .args(["--task", "faulty", "-j", "2"])
+        .arg("--params")
+        .arg(&params)
+        .arg("--results")
+        .arg(&results)
+        .arg("--work-dir")
+        .arg(work.path());
+    let run = run(command, Duration::from_secs(60));
+
+    check!(run, run.code() == Some(0));
+    // Tiny tasks go many at a time, so tasks were queued behind the crash.
+    let widest = run
+        .stderr
+        .lines()
+        .filter_map(|l| l.split("send window changed window=").nth(1))
+        .filter_map(|w| w.split(' ').next()?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(1);
+    check!(run, widest > 8, "the send window never opened: {widest}");
+
+    let records = by_index(&read_results(&results));
+    check!(run, records.len() == 3000);
+    for (index, record) in &records {
+        let attempts = if *index == 2500 { 2 } else { 1 };
+        check!(
+            run,
+            record["status"] == "ok" && record["attempts"] == attempts,
+            "{record}"
+        );
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        *counts.entry(line.parse::<u64>().unwrap()).or_insert(0) += 1;
+    }
+    check!(run, counts.len() == 3000);
+    for (index, count) in counts {
+        let expected = if index == 2500 { 2 } else { 1 };
+        check!(run, count == expected, "task {index} ran {count} times");
+    }
+    run.assert_no_leftovers();
+}

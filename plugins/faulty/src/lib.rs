@@ -25,6 +25,9 @@
 //! | `fork-hang`      |                   | forks a child that sleeps, then hangs itself   |
 //! | `fds`            |                   | returns the worker's open descriptors          |
 //!
+//! With `log` set to a file path, the task first appends `value` and a
+//! newline to that file, so a test can count how often each task ran.
+//!
 //! With `once` set to a file path, the behaviour happens only when that file
 //! does not exist yet (the plugin creates it first); otherwise the task
 //! returns `value`. That makes "crash on the first attempt, succeed on the
@@ -60,6 +63,8 @@ pub struct Params {
     once: Option<PathBuf>,
     #[serde(default)]
     pidfile: Option<PathBuf>,
+    #[serde(default)]
+    log: Option<PathBuf>,
 }
 
 fn default_fd() -> i32 {
@@ -148,6 +153,15 @@ fn write_fd(fd: i32, bytes: &[u8]) {
 
 /// Does what `params` says.
 pub fn run(params: Params) -> Result<Value, TaskError> {
+    if let Some(log) = &params.log {
+        let line = format!("{}\n", params.value);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut file| file.write_all(line.as_bytes()))
+            .map_err(|e| TaskError::permanent(format!("cannot log to `{}`: {e}", log.display())))?;
+    }
     if let Some(marker) = &params.once {
         if marker.exists() {
             return Ok(params.value);
