@@ -14,6 +14,7 @@ use crate::exit;
 use crate::params::TaskParams;
 use crate::plugin;
 use crate::pool::{self, OutputMode, PoolOptions, RecordSink};
+use crate::progress::Progress;
 use crate::results::TaskRecord;
 use crate::resume::FinishedTasks;
 use crate::spawn::WorkerLimits;
@@ -56,6 +57,28 @@ impl RecordSink for ResultsWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// Counts records on the progress bar on their way to the real sink.
+struct ProgressSink<'a> {
+    inner: &'a mut dyn RecordSink,
+    progress: &'a Progress,
+}
+
+impl RecordSink for ProgressSink<'_> {
+    fn record(&mut self, record: &TaskRecord) -> io::Result<()> {
+        self.progress.finished(record.is_ok());
+        self.inner.record(record)
+    }
+
+    fn retrying(&mut self, index: u64) {
+        self.progress.retried();
+        self.inner.retrying(index);
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -103,6 +126,16 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     } else {
         OutputMode::Normal
     };
+    options.tag = settings.tag;
+
+    // The tasks of this run: all of them, or this shard's share.
+    let shard = settings.shard;
+    let total = match (total, shard) {
+        (Some(total), Some(shard)) => {
+            Some(total / shard.count + u64::from(total % shard.count > shard.index))
+        }
+        (total, _) => total,
+    };
 
     let mut finished = FinishedTasks::default();
     let mut file_sink;
@@ -126,6 +159,9 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     let keep = {
         let skipped = Arc::clone(&skipped);
         move |task: &TaskParams| {
+            if shard.is_some_and(|shard| !shard.owns(task.index)) {
+                return false;
+            }
             let seen = finished.contains(task);
             if seen {
                 skipped.fetch_add(1, Ordering::Relaxed);
@@ -141,16 +177,30 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         timeout = ?options.timeout,
         retries = options.retries,
         memory_limit = options.limits.memory,
+        shard = ?shard,
         "starting run"
     );
+    let progress = Progress::start(settings.progress, total);
+    let mut sink = ProgressSink {
+        inner: sink,
+        progress: &progress,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the event loop")?;
     let params = settings.params.clone().spawn_reader(4096, keep);
     let mut report = runtime
-        .block_on(pool::run_pool(&library, &options, params, total, sink))
+        .block_on(pool::run_pool(&library, &options, params, total, &mut sink))
         .context("cannot run the pool")?;
+    progress.clear();
+    tracing::info!(
+        ok = report.summary.ok,
+        failed = report.summary.failed,
+        retried = report.summary.retried,
+        wall = ?report.summary.wall,
+        "run finished"
+    );
     let summary = &mut report.summary;
     summary.skipped = skipped.load(Ordering::Relaxed);
     summary.recorded = settings.results.is_some();

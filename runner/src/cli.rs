@@ -1,6 +1,7 @@
 //! The command line, merged with `runner.toml`.
 //!
-//! [`Cli`] is what clap parsed; [`Settings`] is what the run uses, after
+//! [`Cli`] is what clap parsed: a subcommand, or the options of a run
+//! ([`RunArgs`]). [`Settings`] is what a run uses, after
 //! merging, in order of precedence: the command line, the file given with
 //! `--config`, `runner.toml` in the work dir, and the defaults. A
 //! `[tasks.NAME]` section of a file applies over that file's top level.
@@ -8,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, ConfigError, ConfigFile};
 use crate::params::{ParamsError, ParamsSource};
@@ -16,8 +17,74 @@ use crate::params::{ParamsError, ParamsSource};
 /// Runs a task plugin on many params in parallel, each worker an isolated
 /// process.
 #[derive(Debug, Parser)]
-#[command(name = "runner", version, max_term_width = 100)]
+#[command(
+    name = "runner",
+    version,
+    max_term_width = 100,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+        runner --task test --range 0..5000\n  \
+        find . -type f | jq -R . | runner --task sha256 --params - --results out.jsonl\n  \
+        runner list\n  \
+        runner new my-task"
+)]
 pub struct Cli {
+    /// What to do instead of a run
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The run's options
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the tasks of a work dir, loading each in a worker to describe it
+    List {
+        /// Folder holding the task libraries and crates [default: plugins]
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        /// Print JSON, one object per task, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a new plugin crate that builds and runs as it is
+    New {
+        /// The task's name: letters, digits, `-` and `_`, starting with a letter
+        name: String,
+        /// Folder to create the crate in [default: plugins]
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        /// The plugin-api crate to depend on [default: the one this runner was built with]
+        #[arg(long, value_name = "DIR")]
+        plugin_api: Option<PathBuf>,
+    },
+    /// Print a shell completion script
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff)
+    Man,
+}
+
+/// When to draw the progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ProgressMode {
+    /// When stderr is a terminal
+    #[default]
+    Auto,
+    /// Always, even into a pipe
+    Always,
+    /// Never
+    Never,
+}
+
+/// The options of a run.
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
     /// Task to run: `libNAME.so` or a crate folder `NAME/` in the work dir
     #[arg(long, value_name = "NAME")]
     pub task: Option<String>,
@@ -66,12 +133,25 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// Run only the tasks whose index is K modulo N; `auto` reads a Slurm job array or a
+    /// Kubernetes Indexed Job
+    #[arg(long, value_name = "K/N|auto")]
+    pub shard: Option<String>,
+
     /// Drop what tasks print on stdout
     #[arg(short, long)]
     pub quiet: bool,
 
+    /// Prefix every line a task prints with its index
+    #[arg(long)]
+    pub tag: bool,
+
+    /// When to draw the progress bar on stderr
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub progress: ProgressMode,
+
     /// Log more: -v for the run's events, -vv for every task, -vvv for every frame
-    #[arg(short, long, action = clap::ArgAction::Count)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 }
 
@@ -108,6 +188,90 @@ pub struct Settings {
     pub quiet: bool,
     /// Skip tasks the results file holds as ok, and append to it.
     pub resume: bool,
+    /// This run's share of the tasks.
+    pub shard: Option<Shard>,
+    /// Prefix task output with the task index.
+    pub tag: bool,
+    /// When to draw the progress bar.
+    pub progress: ProgressMode,
+}
+
+/// One of N shards: the tasks whose index is `index` modulo `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// K, from 0.
+    pub index: u64,
+    /// N, at least 1.
+    pub count: u64,
+}
+
+impl Shard {
+    /// Whether the task with this index belongs to the shard.
+    pub fn owns(self, task: u64) -> bool {
+        task % self.count == self.index
+    }
+
+    /// Parses `K/N`, or reads the shard of a cluster job for `auto`.
+    ///
+    /// `auto` takes, in order: Slurm's `SLURM_ARRAY_TASK_ID` and
+    /// `SLURM_ARRAY_TASK_COUNT` (counting from `SLURM_ARRAY_TASK_MIN`), or
+    /// Kubernetes' `JOB_COMPLETION_INDEX` with the count in
+    /// `RUNNER_SHARD_COUNT`.
+    ///
+    /// # Errors
+    ///
+    /// A message naming what is missing or malformed.
+    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let number = |name: &str| -> Result<Option<u64>, String> {
+            env(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<u64>()
+                        .map_err(|_| format!("--shard auto: `{name}={v}` is not a number"))
+                })
+                .transpose()
+        };
+        let (index, count) = if text == "auto" {
+            if let Some(id) = number("SLURM_ARRAY_TASK_ID")? {
+                let count = number("SLURM_ARRAY_TASK_COUNT")?.ok_or(
+                    "--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not",
+                )?;
+                let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+                let index = id
+                    .checked_sub(min)
+                    .ok_or("--shard auto: SLURM_ARRAY_TASK_ID is below SLURM_ARRAY_TASK_MIN")?;
+                (index, count)
+            } else if let Some(index) = number("JOB_COMPLETION_INDEX")? {
+                let count = number("RUNNER_SHARD_COUNT")?.ok_or(
+                    "--shard auto: JOB_COMPLETION_INDEX is set but RUNNER_SHARD_COUNT is not; \
+                     set it to the job's completions",
+                )?;
+                (index, count)
+            } else {
+                return Err(String::from(
+                    "--shard auto: no SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX in the \
+                     environment; give --shard K/N",
+                ));
+            }
+        } else {
+            let (k, n) = text
+                .split_once('/')
+                .ok_or_else(|| format!("invalid --shard `{text}`: expected K/N, as in 0/4"))?;
+            let k = k
+                .trim()
+                .parse()
+                .map_err(|_| format!("invalid --shard `{text}`: K is not a number"))?;
+            let n = n
+                .trim()
+                .parse()
+                .map_err(|_| format!("invalid --shard `{text}`: N is not a number"))?;
+            (k, n)
+        };
+        if count == 0 || index >= count {
+            return Err(format!("invalid shard {index}/{count}: need 0 <= K < N"));
+        }
+        Ok(Self { index, count })
+    }
 }
 
 /// Bad usage or configuration, reported with exit code 2.
@@ -142,7 +306,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn from_cli(cli: &Cli) -> Self {
+    fn from_cli(cli: &RunArgs) -> Self {
         Self {
             task: cli.task.clone(),
             params: cli.params.clone(),
@@ -201,7 +365,7 @@ impl Settings {
     /// # Errors
     ///
     /// A [`SettingsError`] naming the file, key or flag at fault.
-    pub fn resolve(cli: &Cli) -> Result<Self, SettingsError> {
+    pub fn resolve(cli: &RunArgs) -> Result<Self, SettingsError> {
         let explicit = cli.config.as_deref().map(ConfigFile::load).transpose()?;
         let work_dir = cli
             .work_dir
@@ -293,6 +457,14 @@ impl Settings {
             memory_limit: merged.memory_limit,
             quiet: cli.quiet,
             resume: cli.resume,
+            shard: cli
+                .shard
+                .as_deref()
+                .map(|text| Shard::parse(text, |name| std::env::var(name).ok()))
+                .transpose()
+                .map_err(SettingsError::Invalid)?,
+            tag: cli.tag,
+            progress: cli.progress,
         })
     }
 
@@ -306,8 +478,43 @@ impl Settings {
 mod tests {
     use super::*;
 
-    fn cli(args: &[&str]) -> Cli {
-        Cli::try_parse_from(std::iter::once("runner").chain(args.iter().copied())).unwrap()
+    fn cli(args: &[&str]) -> RunArgs {
+        Cli::try_parse_from(std::iter::once("runner").chain(args.iter().copied()))
+            .unwrap()
+            .run
+    }
+
+    #[test]
+    fn shards_parse_from_text_and_from_cluster_jobs() {
+        let none = |_: &str| None;
+        assert_eq!(Shard::parse("1/4", none), Ok(Shard { index: 1, count: 4 }));
+        assert!(Shard::parse("4/4", none).is_err());
+        assert!(Shard::parse("x", none).is_err());
+        assert!(
+            Shard::parse("auto", none)
+                .unwrap_err()
+                .contains("SLURM_ARRAY_TASK_ID")
+        );
+
+        let slurm = |name: &str| match name {
+            "SLURM_ARRAY_TASK_ID" => Some("3".to_string()),
+            "SLURM_ARRAY_TASK_COUNT" => Some("4".to_string()),
+            "SLURM_ARRAY_TASK_MIN" => Some("1".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            Shard::parse("auto", slurm),
+            Ok(Shard { index: 2, count: 4 })
+        );
+
+        let k8s = |name: &str| match name {
+            "JOB_COMPLETION_INDEX" => Some("0".to_string()),
+            "RUNNER_SHARD_COUNT" => Some("2".to_string()),
+            _ => None,
+        };
+        assert_eq!(Shard::parse("auto", k8s), Ok(Shard { index: 0, count: 2 }));
+        assert!(Shard { index: 1, count: 4 }.owns(5));
+        assert!(!Shard { index: 1, count: 4 }.owns(6));
     }
 
     #[test]

@@ -19,3 +19,18 @@ pub const ERROR: u8 = 2;
 pub fn interrupted(signal: i32) -> ExitCode {
     ExitCode::from(u8::try_from(128 + signal).unwrap_or(255))
 }
+
+/// Writes `bytes` to stdout; a reader that went away (`runner man | head`)
+/// is no error, as for any Unix filter.
+///
+/// # Errors
+///
+/// Any other write error.
+pub fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}

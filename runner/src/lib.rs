@@ -10,12 +10,19 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod embed;
 pub mod exit;
+pub mod list;
 pub mod params;
 pub mod plugin;
 pub mod pool;
+pub mod progress;
 pub mod protocol;
 pub mod results;
 pub mod resume;
+pub mod scaffold;
 pub mod spawn;
 pub mod worker;
+
+pub use embed::{EmbedError, Pool, PoolBuilder};
+pub use results::{Ending, EndingKind, RunSummary, TaskRecord};

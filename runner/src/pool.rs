@@ -119,6 +119,8 @@ pub struct PoolOptions {
     pub max_window: usize,
     /// Whether SIGINT and SIGTERM are handled by the pool.
     pub handle_signals: bool,
+    /// Whether every line of task output is prefixed with the task's index.
+    pub tag: bool,
 }
 
 impl PoolOptions {
@@ -138,6 +140,7 @@ impl PoolOptions {
             output: OutputMode::Normal,
             max_window: 64,
             handle_signals: true,
+            tag: false,
         })
     }
 }
@@ -150,6 +153,9 @@ pub trait RecordSink {
     ///
     /// A write error stops the run.
     fn record(&mut self, record: &TaskRecord) -> io::Result<()>;
+
+    /// Hears that a task failed an attempt and goes back to the queue.
+    fn retrying(&mut self, _index: u64) {}
 
     /// Makes the records taken so far durable; called after each batch of
     /// events.
@@ -342,12 +348,12 @@ pub async fn run_pool(
     total: Option<u64>,
     sink: &mut dyn RecordSink,
 ) -> io::Result<PoolReport> {
-    let mut pool = Pool::new(library, options, params, total, sink);
-    pool.drive().await?;
-    Ok(pool.finish().await)
+    let mut supervisor = Supervisor::new(library, options, params, total, sink);
+    supervisor.drive().await?;
+    Ok(supervisor.finish().await)
 }
 
-struct Pool<'a> {
+struct Supervisor<'a> {
     library: &'a PluginLibrary,
     options: &'a PoolOptions,
     sink: &'a mut dyn RecordSink,
@@ -379,7 +385,7 @@ struct Pool<'a> {
     mean_task: Option<Duration>,
 }
 
-impl<'a> Pool<'a> {
+impl<'a> Supervisor<'a> {
     fn new(
         library: &'a PluginLibrary,
         options: &'a PoolOptions,
@@ -595,6 +601,7 @@ impl<'a> Pool<'a> {
             &self.options.executable,
             &self.library.snapshot,
             self.options.limits,
+            self.options.tag,
         )
         .map_err(|source| PoolError::Spawn {
             executable: self.options.executable.clone(),
@@ -613,11 +620,13 @@ impl<'a> Pool<'a> {
             stdout,
             Stream::Stdout,
             self.output_tx.clone(),
+            self.options.tag,
         )));
         self.forwarders.push(tokio::spawn(forward_lines(
             stderr,
             Stream::Stderr,
             self.output_tx.clone(),
+            self.options.tag,
         )));
 
         spawned
@@ -981,6 +990,7 @@ impl<'a> Pool<'a> {
                 "retrying"
             );
             self.summary.retried += 1;
+            self.sink.retrying(task.params.index);
             self.queue.push_front(task);
         } else {
             self.finish_task(task, duration, Err(ending));
@@ -1162,25 +1172,67 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Forwards a worker's output stream to the output thread, line by line.
+/// The byte that starts a task marker in a tagged worker's output.
+const TAG_MARK: u8 = 0x1e;
+
+/// Splits a task marker off the end of a line: a tagged worker writes
+/// `\x1e<index>\n` to stdout and stderr before each task, and a partial
+/// line the plugin left unfinished may come before it.
+fn split_marker(line: &[u8]) -> Option<(&[u8], u64)> {
+    let at = line.iter().rposition(|&b| b == TAG_MARK)?;
+    let digits = line[at + 1..].strip_suffix(b"\n")?;
+    let index = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some((&line[..at], index))
+}
+
+/// Forwards a worker's output stream to the output thread, line by line;
+/// with `tag`, each line gets the index of the task that printed it and a
+/// tab in front.
 async fn forward_lines(
     pipe: impl tokio::io::AsyncRead + Unpin,
     stream: Stream,
     output: mpsc::Sender<(Stream, Vec<u8>)>,
+    tag: bool,
 ) {
     let mut reader = BufReader::with_capacity(64 * 1024, pipe);
+    let mut current: Option<u64> = None;
+    let mut line = Vec::new();
     loop {
-        let mut line = Vec::new();
+        line.clear();
         match reader.read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if line.last() != Some(&b'\n') {
-                    line.push(b'\n');
-                }
-                if output.send((stream, line)).await.is_err() {
-                    return;
-                }
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            line.push(b'\n');
+        }
+        let mut text: &[u8] = &line;
+        let mut next_task = None;
+        if tag {
+            if let Some((before, index)) = split_marker(&line) {
+                text = before;
+                next_task = Some(index);
             }
+        }
+        if !text.is_empty() {
+            let mut out = Vec::with_capacity(text.len() + 12);
+            if tag {
+                match current {
+                    Some(index) => out.extend_from_slice(index.to_string().as_bytes()),
+                    None => out.push(b'-'),
+                }
+                out.push(b'\t');
+            }
+            out.extend_from_slice(text);
+            if out.last() != Some(&b'\n') {
+                out.push(b'\n');
+            }
+            if output.send((stream, out)).await.is_err() {
+                return;
+            }
+        }
+        if next_task.is_some() {
+            current = next_task;
         }
     }
 }
@@ -1188,33 +1240,68 @@ async fn forward_lines(
 /// The output thread: writes whole lines to the runner's stdout and stderr.
 ///
 /// Stdout is locked for the thread's lifetime only when task output goes
-/// there; stderr is never held, since logs share it.
+/// there; stderr is never held, since logs share it. Lines that are waiting
+/// go out together, with the progress bar lifted once for all of them.
 fn write_output(mut lines: mpsc::Receiver<(Stream, Vec<u8>)>, mode: OutputMode) {
     let mut out = (mode == OutputMode::Normal)
         .then(|| io::BufWriter::with_capacity(64 * 1024, io::stdout().lock()));
+    let mut batch = Vec::new();
     while let Some(first) = lines.blocking_recv() {
-        let mut next = Some(first);
-        while let Some((stream, line)) = next.take() {
-            match (stream, mode) {
-                (Stream::Stdout, OutputMode::Quiet) => {}
-                (Stream::Stdout, OutputMode::Normal) => {
-                    // A closed stdout (`runner ... | head`) stops task output,
-                    // not the run: the results still matter.
-                    if out.as_mut().is_some_and(|o| o.write_all(&line).is_err()) {
-                        out = None;
+        batch.push(first);
+        while batch.len() < 4096 {
+            match lines.try_recv() {
+                Ok(line) => batch.push(line),
+                Err(_) => break,
+            }
+        }
+        crate::progress::suspend(|| {
+            for (stream, line) in batch.drain(..) {
+                match (stream, mode) {
+                    (Stream::Stdout, OutputMode::Quiet) => {}
+                    (Stream::Stdout, OutputMode::Normal) => {
+                        // A closed stdout (`runner ... | head`) stops task
+                        // output, not the run: the results still matter.
+                        if out.as_mut().is_some_and(|o| o.write_all(&line).is_err()) {
+                            out = None;
+                        }
                     }
-                }
-                (Stream::Stdout, OutputMode::Stderr) | (Stream::Stderr, _) => {
-                    if let Some(o) = out.as_mut() {
-                        let _ = o.flush();
+                    (Stream::Stdout, OutputMode::Stderr) | (Stream::Stderr, _) => {
+                        if let Some(o) = out.as_mut() {
+                            let _ = o.flush();
+                        }
+                        let _ = io::stderr().write_all(&line);
                     }
-                    let _ = io::stderr().write_all(&line);
                 }
             }
-            next = lines.try_recv().ok();
-        }
-        if out.as_mut().is_some_and(|o| o.flush().is_err()) {
-            out = None;
-        }
+            if out.as_mut().is_some_and(|o| o.flush().is_err()) {
+                out = None;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_split_off_partial_lines() {
+        assert_eq!(split_marker(b"\x1e42\n"), Some((&b""[..], 42)));
+        assert_eq!(split_marker(b"half\x1e7\n"), Some((&b"half"[..], 7)));
+        assert_eq!(split_marker(b"plain line\n"), None);
+        assert_eq!(split_marker(b"\x1enot a number\n"), None);
+    }
+
+    #[test]
+    fn statuses_read_as_people_say_them() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            describe_status(ExitStatus::from_raw(11)),
+            "killed by signal 11 (SIGSEGV)"
+        );
+        assert_eq!(
+            describe_status(ExitStatus::from_raw(3 << 8)),
+            "exited with code 3"
+        );
     }
 }

@@ -34,7 +34,7 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 
 use crate::protocol::{LIBRARY_FD, WORKER_FD};
-use crate::worker::WORKER_ARG;
+use crate::worker::{TAG_ARG, WORKER_ARG};
 
 /// Limits applied to each worker between fork and exec.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,12 +63,14 @@ pub fn spawn_worker(
     executable: &Path,
     library: &OwnedFd,
     limits: WorkerLimits,
+    tag: bool,
 ) -> io::Result<SpawnedWorker> {
     let (ours, theirs) = UnixStream::pair()?;
 
     let mut command = Command::new(executable);
     command
         .arg(WORKER_ARG)
+        .args(tag.then_some(TAG_ARG))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

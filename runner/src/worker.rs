@@ -29,6 +29,10 @@ use crate::protocol::{
 /// The first argument that turns the `runner` binary into a worker.
 pub const WORKER_ARG: &str = "__runner-worker";
 
+/// The argument after [`WORKER_ARG`] that makes the worker mark, on stdout
+/// and stderr, where each task's output begins.
+pub const TAG_ARG: &str = "--tag";
+
 /// Exit status after a load failure was reported to the supervisor.
 pub const EXIT_LOAD: i32 = 101;
 
@@ -87,7 +91,8 @@ pub fn run_if_worker() {
     let mut args = std::env::args_os();
     let _program = args.next();
     if args.next().is_some_and(|arg| arg == WORKER_ARG) {
-        let code = serve();
+        let tag = args.next().is_some_and(|arg| arg == TAG_ARG);
+        let code = serve(tag);
         std::process::exit(code);
     }
 }
@@ -193,8 +198,21 @@ fn declared_str(raw: plugin_api::RawStr) -> String {
     }
 }
 
+/// Writes the marker `\x1e<index>\n` to stdout and stderr, where the
+/// supervisor reads it as "the lines after this are task `index`'s".
+fn mark_task(index: u64) {
+    let marker = format!("\x1e{index}\n");
+    for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: writing a live buffer to a standard descriptor; a failure
+        // (a closed descriptor) only loses the marker.
+        unsafe {
+            libc::write(fd, marker.as_ptr().cast(), marker.len());
+        }
+    }
+}
+
 /// Serves frames; returns the process exit status.
-fn serve() -> i32 {
+fn serve(tag: bool) -> i32 {
     // SAFETY: the supervisor put a connected socket on WORKER_FD before exec
     // and nothing else in this process owns that descriptor.
     let socket = unsafe { UnixStream::from_raw_fd(WORKER_FD) };
@@ -253,6 +271,9 @@ fn serve() -> i32 {
         };
 
         output.clear();
+        if tag {
+            mark_task(task.id);
+        }
         let started = Instant::now();
         // SAFETY: `state` came from this declaration's setup and is not torn
         // down; `params` is a live slice; `collect` and `output` are the sink
