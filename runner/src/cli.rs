@@ -86,72 +86,82 @@ pub enum ProgressMode {
 #[derive(Debug, Default, Args)]
 pub struct RunArgs {
     /// Task to run: `libNAME.so` or a crate folder `NAME/` in the work dir
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help_heading = "Task")]
     pub task: Option<String>,
 
     /// Folder holding the task libraries and crates [default: plugins]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = "Task")]
     pub work_dir: Option<PathBuf>,
 
     /// Params: a `.json` array, JSON Lines, or `-` for JSON Lines on stdin
-    #[arg(long, value_name = "FILE|-", conflicts_with = "range")]
+    #[arg(
+        long,
+        value_name = "FILE|-",
+        conflicts_with = "range",
+        help_heading = "Params"
+    )]
     pub params: Option<PathBuf>,
 
     /// Tasks START to END-1, each with its number as params
-    #[arg(long, value_name = "START..END")]
+    #[arg(long, value_name = "START..END", help_heading = "Params")]
     pub range: Option<String>,
 
     /// Most worker processes at once [default: available CPUs]
-    #[arg(short = 'j', long, value_name = "N", value_parser = parse_workers)]
+    #[arg(short = 'j', long, value_name = "N", value_parser = parse_workers, help_heading = "Limits")]
     pub max_parallel: Option<usize>,
 
     /// Time limit per attempt, such as 500ms, 60s or 2m [default: none]
-    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration, help_heading = "Limits")]
     pub timeout: Option<Duration>,
 
     /// Extra attempts after a retryable failure [default: 2]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = "Limits")]
     pub retries: Option<u32>,
 
     /// Time running tasks get after SIGINT or SIGTERM [default: 5s]
-    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration, help_heading = "Limits")]
     pub grace: Option<Duration>,
 
     /// Address-space limit per worker, such as 256M or 2G [default: none]
-    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_size, help_heading = "Limits")]
     pub memory_limit: Option<u64>,
 
     /// Write one JSON line per finished task to FILE, or `-` for stdout
-    #[arg(long, value_name = "FILE|-")]
+    #[arg(long, value_name = "FILE|-", help_heading = "Output")]
     pub results: Option<PathBuf>,
 
     /// Skip tasks that the results file already holds as ok; append the rest
-    #[arg(long, requires = "results")]
+    #[arg(long, requires = "results", help_heading = "Params")]
     pub resume: bool,
 
     /// Read settings from FILE (over the work dir's runner.toml)
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Task")]
     pub config: Option<PathBuf>,
 
     /// Run only the tasks whose index is K modulo N; `auto` reads a Slurm job array or a
     /// Kubernetes Indexed Job
-    #[arg(long, value_name = "K/N|auto")]
+    #[arg(long, value_name = "K/N|auto", help_heading = "Params")]
     pub shard: Option<String>,
 
     /// Drop what tasks print on stdout
-    #[arg(short, long)]
+    #[arg(short, long, help_heading = "Output")]
     pub quiet: bool,
 
     /// Prefix every line a task prints with its index
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub tag: bool,
 
     /// When to draw the progress bar on stderr
-    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    #[arg(
+        long,
+        value_name = "WHEN",
+        default_value = "auto",
+        help_heading = "Output"
+    )]
     pub progress: ProgressMode,
 
     /// Log more: -v for the run's events, -vv for every task, -vvv for every frame
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Output")]
     pub verbose: u8,
 }
 

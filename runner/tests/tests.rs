@@ -15,3 +15,6 @@ mod input;
 mod reliability;
 // Where plugins may come from, and what a worker may see.
 mod security;
+// What a person sees: help, list, new, the summary, --tag, the progress bar,
+// shards, and the pool as a library.
+mod usability;
