@@ -1,8 +1,8 @@
 //! Starting a worker: descriptors, process group, death signal, limits.
 //!
 //! A worker is the runner's own executable (or the one the pool was pointed
-//! at) started with [`WORKER_ARG`](crate::worker::WORKER_ARG), through
-//! fork + exec. Between the two, in the child, [`prepare_child`] runs:
+//! at) started with [`WORKER_ARG`], through
+//! fork + exec. Between the two, in the child, `prepare_child` runs:
 //!
 //! 1. it moves the socket to [`WORKER_FD`] and the plugin copy to
 //!    [`LIBRARY_FD`], and closes every other descriptor above stderr, so the
