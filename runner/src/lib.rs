@@ -22,6 +22,7 @@ pub mod results;
 pub mod resume;
 pub mod scaffold;
 pub mod spawn;
+pub mod staging;
 pub mod worker;
 
 pub use embed::{EmbedError, Pool, PoolBuilder};

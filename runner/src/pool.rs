@@ -59,6 +59,7 @@ use crate::plugin::PluginLibrary;
 use crate::protocol::{self, Hello, PROTOCOL_VERSION, TaskFrame, WorkerMessage};
 use crate::results::{Ending, EndingKind, RunSummary, TaskRecord};
 use crate::spawn::{self, WorkerLimits};
+use crate::staging;
 
 /// How much work, in mean task time, the pool queues on one worker beyond
 /// the task it is running.
@@ -73,6 +74,13 @@ use crate::spawn::{self, WorkerLimits};
 /// one at a time.
 pub const WINDOW_BUDGET: Duration = Duration::from_micros(500);
 
+/// The least time a worker's call runs, with tasks sent ahead of it,
+/// before the supervisor looks into its reply buffer for held results.
+const PEEK_DELAY_MIN: Duration = Duration::from_millis(2);
+
+/// The most time between two looks into one worker's reply buffer.
+const PEEK_DELAY_MAX: Duration = Duration::from_secs(1);
+
 /// How many workers in a row may die before their hello before the run
 /// stops.
 const UNBORN_LIMIT: u32 = 3;
@@ -80,6 +88,10 @@ const UNBORN_LIMIT: u32 = 3;
 /// How long, after the last worker exited, output pipes held open by
 /// escaped processes are still read.
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
+
+/// How long a worker whose socket ended may take to exit before the
+/// socket counts as broken and the worker is killed.
+const BROKEN_GRACE: Duration = Duration::from_millis(100);
 
 /// How long the socket of a worker that exited is still read when a
 /// process it started keeps the socket open.
@@ -241,7 +253,8 @@ struct Task {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum KillReason {
     Timeout(Duration),
-    Lost(String),
+    /// It broke the protocol between tasks; what it had goes back unchanged.
+    Retire(String),
     Shutdown,
 }
 
@@ -256,8 +269,16 @@ struct WorkerSlot {
     frames: Option<mpsc::UnboundedSender<Vec<u8>>>,
     /// Whether the hello arrived. No task is sent before it.
     ready: bool,
-    /// Tasks sent, oldest (running) first.
+    /// Tasks sent, oldest (running) first. The task at position `i` went
+    /// out in the frame numbered `front_seq + i`.
     in_flight: VecDeque<Task>,
+    /// The frame number of the front task in `in_flight`.
+    front_seq: u64,
+    /// The frame number the next task sent gets.
+    next_seq: u64,
+    /// How long after `running_since` to look into the reply buffer while
+    /// tasks are sent ahead; doubles while a look finds nothing new.
+    peek_delay: Duration,
     /// When the front task started, as far as the supervisor can tell.
     running_since: Instant,
     /// Set when the loop killed the worker; decides the running task's
@@ -265,6 +286,11 @@ struct WorkerSlot {
     killed: Option<KillReason>,
     /// What the reader saw when the socket ended, if it ended first.
     broken: Option<String>,
+    /// Whether the loop killed the worker because its socket broke while
+    /// it lived on.
+    killed_for_broken: bool,
+    /// The worker's reply buffer, read for answers it held when it died.
+    staging: std::os::fd::OwnedFd,
 }
 
 #[derive(Debug)]
@@ -546,40 +572,56 @@ impl<'a> Supervisor<'a> {
             return;
         }
 
+        // First one task for every ready worker with none; only then, and
+        // only when no worker is still starting, tasks sent ahead. Sent
+        // ahead while a worker is starting, a burst of slow tasks would
+        // queue behind one worker while the other comes up idle.
+        let starting = self
+            .workers
+            .values()
+            .any(|s| !s.ready && s.frames.is_some());
         let window = self.window();
-        for slot in self.workers.values_mut() {
-            if !slot.ready || slot.killed.is_some() {
-                continue;
+        for pass_window in [1, window] {
+            if pass_window > 1 && starting {
+                break;
             }
-            let Some(frames) = &slot.frames else {
-                continue;
-            };
-            // Every task sent in this round goes in one buffer, and so in
-            // one write.
-            let mut batch = Vec::new();
-            while slot.in_flight.len() < window {
-                let Some(mut task) = self.queue.pop_front() else {
-                    break;
-                };
-                task.attempts += 1;
-                protocol::encode_task(
-                    &mut batch,
-                    &TaskFrame {
-                        id: task.params.index,
-                        params: &task.params.json,
-                    },
-                );
-                if slot.in_flight.is_empty() {
-                    slot.running_since = Instant::now();
+            for slot in self.workers.values_mut() {
+                if !slot.ready || slot.killed.is_some() {
+                    continue;
                 }
-                tracing::debug!(task = task.params.index, pid = slot.pid, "dispatched");
-                slot.in_flight.push_back(task);
-            }
-            if !batch.is_empty() {
-                // A closed channel means the writer died with the socket;
-                // the reader reports that, and the tasks are settled when
-                // the worker's exit arrives.
-                let _ = frames.send(batch);
+                let Some(frames) = &slot.frames else {
+                    continue;
+                };
+                // Every task sent in this round goes in one buffer, and so
+                // in one write.
+                let mut batch = Vec::new();
+                while slot.in_flight.len() < pass_window {
+                    let Some(mut task) = self.queue.pop_front() else {
+                        break;
+                    };
+                    task.attempts += 1;
+                    protocol::encode_task(
+                        &mut batch,
+                        &TaskFrame {
+                            id: slot.next_seq,
+                            index: task.params.index,
+                            params: &task.params.json,
+                        },
+                    );
+                    slot.next_seq += 1;
+                    if slot.in_flight.is_empty() {
+                        slot.running_since = Instant::now();
+                        slot.front_seq = slot.next_seq - 1;
+                    }
+                    tracing::debug!(task = task.params.index, pid = slot.pid, "dispatched");
+                    slot.in_flight.push_back(task);
+                }
+                if !batch.is_empty() {
+                    // A closed channel means the writer died with the
+                    // socket; the reader reports that, and the tasks are
+                    // settled when the worker's exit arrives.
+                    let _ = frames.send(batch);
+                }
             }
         }
 
@@ -608,6 +650,7 @@ impl<'a> Supervisor<'a> {
             source,
         })?;
         let mut child = spawned.child;
+        let staging = spawned.staging;
         let pid = child.id().expect("a child that was just spawned has a pid");
         let id = self.next_worker;
         self.next_worker += 1;
@@ -645,9 +688,14 @@ impl<'a> Supervisor<'a> {
                         frames: Some(frames_tx),
                         ready: false,
                         in_flight: VecDeque::new(),
+                        front_seq: 0,
+                        next_seq: 0,
+                        peek_delay: PEEK_DELAY_MIN,
                         running_since: Instant::now(),
                         killed: None,
                         broken: None,
+                        killed_for_broken: false,
+                        staging,
                     },
                 );
             })
@@ -685,13 +733,33 @@ impl<'a> Supervisor<'a> {
 
     /// The earliest moment the loop must act without an event.
     fn next_deadline(&self) -> Option<Instant> {
-        let timeouts = self.options.timeout.into_iter().flat_map(|timeout| {
-            self.workers
-                .values()
-                .filter(|s| s.ready && s.killed.is_none() && !s.in_flight.is_empty())
-                .map(move |s| s.running_since + timeout)
-        });
-        timeouts.chain(self.grace_deadline).min()
+        let mut next = self.grace_deadline;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        };
+        for slot in self.workers.values() {
+            if slot.killed.is_some() {
+                continue;
+            }
+            consider(self.timeout_at(slot));
+            consider(peek_at(slot));
+        }
+        next
+    }
+
+    /// When the worker's running task (or, before its hello, its start)
+    /// runs out of time; `None` without a timeout, or past the end of time.
+    fn timeout_at(&self, slot: &WorkerSlot) -> Option<Instant> {
+        let timeout = self.options.timeout?;
+        let starting = !slot.ready && slot.frames.is_some();
+        let running = slot.ready && !slot.in_flight.is_empty();
+        if starting || running {
+            slot.running_since.checked_add(timeout)
+        } else {
+            None
+        }
     }
 
     fn on_deadline(&mut self) {
@@ -701,20 +769,52 @@ impl<'a> Supervisor<'a> {
             self.grace_deadline = None;
             self.kill_all(KillReason::Shutdown);
         }
+
+        let mut overdue = Vec::new();
+        let mut peeks = Vec::new();
+        for (&id, slot) in &self.workers {
+            if slot.killed.is_some() {
+                continue;
+            }
+            if self.timeout_at(slot).is_some_and(|at| at <= now) {
+                overdue.push(id);
+            } else if peek_at(slot).is_some_and(|at| at <= now) {
+                peeks.push(id);
+            }
+        }
+
+        for id in peeks {
+            if self.settle_held_replies(id) == 0 {
+                if let Some(slot) = self.workers.get_mut(&id) {
+                    slot.peek_delay = (slot.peek_delay * 2).min(PEEK_DELAY_MAX);
+                }
+            }
+        }
+
         let Some(timeout) = self.options.timeout else {
             return;
         };
-        for slot in self.workers.values_mut() {
-            let overdue = slot.ready
-                && slot.killed.is_none()
-                && !slot.in_flight.is_empty()
-                && slot.running_since + timeout <= now;
-            if overdue {
-                let task = slot.in_flight.front().map(|t| t.params.index);
-                tracing::info!(pid = slot.pid, task, "task timed out; killing its worker");
-                slot.killed = Some(KillReason::Timeout(timeout));
-                spawn::kill_group(slot.pid);
+        for id in overdue {
+            // Results the worker held are not the running task's: settle
+            // them first, so the timeout lands on the task that ran long.
+            self.settle_held_replies(id);
+            let Some(slot) = self.workers.get_mut(&id) else {
+                continue;
+            };
+            if slot.killed.is_some() {
+                continue;
             }
+            let task = slot.in_flight.front().map(|t| t.params.index);
+            if slot.ready {
+                tracing::info!(pid = slot.pid, task, "task timed out; killing its worker");
+            } else {
+                tracing::warn!(
+                    pid = slot.pid,
+                    "worker not ready within the timeout; killing it"
+                );
+            }
+            slot.killed = Some(KillReason::Timeout(timeout));
+            spawn::kill_group(slot.pid);
         }
     }
 
@@ -741,7 +841,7 @@ impl<'a> Supervisor<'a> {
         self.interrupted = Some(signal);
         self.stopping = true;
         self.params = None;
-        self.grace_deadline = Some(Instant::now() + self.options.grace);
+        self.grace_deadline = Instant::now().checked_add(self.options.grace);
     }
 
     fn kill_all(&mut self, reason: KillReason) {
@@ -784,6 +884,14 @@ impl<'a> Supervisor<'a> {
     fn on_message(&mut self, worker: u64, message: WorkerMessage) {
         match message {
             WorkerMessage::Hello(hello) => self.on_hello(worker, hello),
+            // Only a worker that has not said hello can fail to load; one
+            // that says so later is misbehaving, not the plugin unusable.
+            WorkerMessage::LoadFailed(message) if self.is_ready(worker) => {
+                self.retire(
+                    worker,
+                    format!("sent a load failure after its hello: {message}"),
+                );
+            }
             WorkerMessage::LoadFailed(message) => {
                 let error = PoolError::PluginLoad {
                     library: self.library.source.clone(),
@@ -795,7 +903,15 @@ impl<'a> Supervisor<'a> {
         }
     }
 
+    fn is_ready(&self, worker: u64) -> bool {
+        self.workers.get(&worker).is_some_and(|slot| slot.ready)
+    }
+
     fn on_hello(&mut self, worker: u64, hello: Hello) {
+        if self.is_ready(worker) {
+            self.retire(worker, String::from("said hello twice"));
+            return;
+        }
         let Some(slot) = self.workers.get_mut(&worker) else {
             return;
         };
@@ -826,39 +942,57 @@ impl<'a> Supervisor<'a> {
         let Some(slot) = self.workers.get_mut(&worker) else {
             return;
         };
-        let front = slot.in_flight.front().map(|t| t.params.index);
-        if front != Some(done.id) {
+        if done.id < slot.front_seq {
+            // Settled already, from the reply buffer.
+            tracing::trace!(pid = slot.pid, seq = done.id, "answer seen twice");
+            return;
+        }
+        if slot.in_flight.is_empty() || done.id != slot.front_seq {
             let reason = format!(
-                "worker pid {} answered task {} while running {front:?}",
-                slot.pid, done.id
+                "worker pid {} answered frame {} while running frame {}",
+                slot.pid, done.id, slot.front_seq
             );
-            tracing::warn!(%reason, "protocol violation");
-            slot.killed.get_or_insert(KillReason::Lost(reason));
-            spawn::kill_group(slot.pid);
+            self.retire(worker, reason);
             return;
         }
         let task = slot.in_flight.pop_front().expect("front was checked");
+        slot.front_seq += 1;
         slot.running_since = Instant::now();
+        slot.peek_delay = PEEK_DELAY_MIN;
         let pid = slot.pid;
         let duration = Duration::from_nanos(done.nanos);
         self.observe_task_time(duration);
 
         let message = || String::from_utf8_lossy(&done.payload).into_owned();
         let kind = match CallStatus::from_u32(done.status) {
-            Some(CallStatus::Ok) => {
-                self.finish_task(task, duration, Ok(done.payload));
-                return;
-            }
+            Some(CallStatus::Ok) => match checked_output(done.payload) {
+                Ok(output) => {
+                    self.finish_task(task, duration, Ok(output));
+                    return;
+                }
+                Err(problem) => {
+                    let message = format!("worker pid {pid} returned {problem}");
+                    let ending = Ending {
+                        kind: EndingKind::Lost,
+                        message: message.clone(),
+                    };
+                    self.settle(task, duration, ending);
+                    self.retire(worker, message);
+                    return;
+                }
+            },
             Some(CallStatus::Error) => EndingKind::Error,
             Some(CallStatus::PermanentError) => EndingKind::Permanent,
             Some(CallStatus::Panic) => EndingKind::Panic,
             Some(CallStatus::BadParams) => EndingKind::BadParams,
             None => {
+                let message = format!("worker pid {pid} sent unknown call status {}", done.status);
                 let ending = Ending {
                     kind: EndingKind::Lost,
-                    message: format!("worker pid {pid} sent unknown call status {}", done.status),
+                    message: message.clone(),
                 };
                 self.settle(task, duration, ending);
+                self.retire(worker, message);
                 return;
             }
         };
@@ -879,13 +1013,71 @@ impl<'a> Supervisor<'a> {
             tracing::debug!(pid = slot.pid, %reason, "worker socket ended");
             slot.broken = Some(reason);
             slot.frames = None;
-            // The worker cannot serve without its socket: end it, and
-            // whatever it started, so its exit arrives.
+            // The worker outlived its socket, and cannot serve without it:
+            // end it, and whatever it started, so its exit arrives.
+            slot.killed_for_broken = true;
             spawn::kill_group(slot.pid);
         }
     }
 
+    /// Settles the answers a worker holds in its reply buffer: all of them
+    /// for a dead worker, those that can be read consistently for a live
+    /// one. Returns how many were settled.
+    fn settle_held_replies(&mut self, worker: u64) -> usize {
+        let Some(slot) = self.workers.get(&worker) else {
+            return 0;
+        };
+        let bytes = match staging::peek(&slot.staging) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return 0,
+            Err(error) => {
+                tracing::warn!(pid = slot.pid, %error, "cannot read a worker's reply buffer");
+                return 0;
+            }
+        };
+        let mut frames = protocol::FrameAssembler::new();
+        frames.buffer().extend_from_slice(&bytes);
+        let mut settled = 0;
+        while let Ok(Some(body)) = frames.next_frame() {
+            let Ok(WorkerMessage::Done(done)) = protocol::decode_worker_message(body) else {
+                break;
+            };
+            let Some(slot) = self.workers.get(&worker) else {
+                break;
+            };
+            if done.id < slot.front_seq {
+                continue;
+            }
+            if done.id != slot.front_seq || slot.in_flight.is_empty() {
+                break;
+            }
+            settled += 1;
+            self.on_done(worker, done);
+        }
+        if settled > 0 {
+            tracing::trace!(worker, settled, "settled answers from a reply buffer");
+        }
+        settled
+    }
+
+    /// Replaces a worker that broke the protocol: it is killed, and the
+    /// tasks it had are sent again, uncharged.
+    fn retire(&mut self, worker: u64, reason: String) {
+        let Some(slot) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        tracing::warn!(pid = slot.pid, %reason, "replacing a worker that broke the protocol");
+        slot.frames = None;
+        slot.killed.get_or_insert(KillReason::Retire(reason));
+        spawn::kill_group(slot.pid);
+    }
+
     fn on_exit(&mut self, worker: u64, status: io::Result<ExitStatus>) {
+        let ran_for = self
+            .workers
+            .get(&worker)
+            .map_or(Duration::ZERO, |slot| slot.running_since.elapsed());
+        self.settle_held_replies(worker);
         let Some(mut slot) = self.workers.remove(&worker) else {
             return;
         };
@@ -899,6 +1091,17 @@ impl<'a> Supervisor<'a> {
 
         if !slot.ready {
             if !self.stopping {
+                let described = match (&slot.killed, self.options.limits.memory) {
+                    (Some(KillReason::Timeout(limit)), _) => format!(
+                        "was not ready within the timeout of {}",
+                        humantime::format_duration(*limit)
+                    ),
+                    (_, Some(limit)) => format!(
+                        "{described} (is the memory limit of {} MiB too small?)",
+                        limit >> 20
+                    ),
+                    (_, None) => described,
+                };
                 self.unborn_streak += 1;
                 tracing::warn!(pid, status = %described, "worker died before it was ready");
                 if self.unborn_streak >= UNBORN_LIMIT {
@@ -915,14 +1118,18 @@ impl<'a> Supervisor<'a> {
 
         let Some(task) = slot.in_flight.pop_front() else {
             let clean = status.as_ref().is_ok_and(|s| s.success());
-            if !clean && slot.killed.is_none() {
+            if lost_socket(&status) {
+                tracing::warn!(
+                    pid,
+                    "worker lost its protocol socket between tasks; replaced"
+                );
+            } else if !clean && slot.killed.is_none() {
                 tracing::warn!(pid, status = %described, "idle worker died");
             } else {
                 tracing::debug!(pid, status = %described, "worker exited");
             }
             return;
         };
-        let ran_for = slot.running_since.elapsed();
         // Tasks sent behind the running one never started: back to the
         // queue, in their order, without an attempt charged.
         while let Some(mut waiting) = slot.in_flight.pop_back() {
@@ -938,16 +1145,18 @@ impl<'a> Supervisor<'a> {
                     humantime::format_duration(limit)
                 ),
             },
-            Some(KillReason::Lost(reason)) => Ending {
-                kind: EndingKind::Lost,
-                message: reason,
-            },
             Some(KillReason::Shutdown) => {
                 tracing::debug!(pid, task = task.params.index, "task killed at shutdown");
                 return;
             }
+            Some(KillReason::Retire(_)) => {
+                let mut task = task;
+                task.attempts -= 1;
+                self.queue.push_front(task);
+                return;
+            }
             None => match slot.broken.take() {
-                Some(reason) if killed_by_us(&status) => Ending {
+                Some(reason) if slot.killed_for_broken || lost_socket(&status) => Ending {
                     kind: EndingKind::Lost,
                     message: format!("worker pid {pid} broke its protocol socket: {reason}"),
                 },
@@ -1055,19 +1264,44 @@ impl<'a> Supervisor<'a> {
     }
 }
 
+/// A plugin's output as it may go into a results line: one JSON value, on
+/// one line. `export_task!` always produces that; a plugin that fills the
+/// declaration by hand may not.
+fn checked_output(output: Vec<u8>) -> Result<Vec<u8>, String> {
+    if output.is_empty() {
+        return Ok(output);
+    }
+    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(&output) {
+        return Err(format!("output that is not JSON ({error})"));
+    }
+    if output.contains(&b'\n') || output.contains(&b'\r') {
+        let value: serde_json::Value = serde_json::from_slice(&output)
+            .map_err(|e| format!("output that is not JSON ({e})"))?;
+        return serde_json::to_vec(&value)
+            .map_err(|e| format!("output that cannot be re-encoded ({e})"));
+    }
+    Ok(output)
+}
+
+/// When to look into the worker's reply buffer: only while it has tasks
+/// sent ahead of the running one, whose results it may hold.
+fn peek_at(slot: &WorkerSlot) -> Option<Instant> {
+    (slot.ready && slot.in_flight.len() >= 2)
+        .then(|| slot.running_since.checked_add(slot.peek_delay))
+        .flatten()
+}
+
 fn out_of_memory(status: &io::Result<ExitStatus>) -> bool {
     status
         .as_ref()
         .is_ok_and(|s| s.code() == Some(crate::worker::EXIT_OUT_OF_MEMORY))
 }
 
-fn killed_by_us(status: &io::Result<ExitStatus>) -> bool {
+/// Whether the worker exited because it lost its protocol socket.
+fn lost_socket(status: &io::Result<ExitStatus>) -> bool {
     status
         .as_ref()
-        .is_ok_and(|s| s.signal() == Some(libc::SIGKILL))
-        || status
-            .as_ref()
-            .is_ok_and(|s| s.code() == Some(crate::worker::EXIT_PROTOCOL))
+        .is_ok_and(|s| s.code() == Some(crate::worker::EXIT_PROTOCOL))
 }
 
 async fn recv_params(
@@ -1156,7 +1390,15 @@ async fn read_worker(
             }
         }
     };
-    send(WorkerEventKind::Broken(reason));
+    // A socket that ends because its worker died says nothing the exit
+    // status does not say better (a signal from outside, an exit code): the
+    // worker gets a moment to be reaped before the socket counts as broken.
+    if exited.is_none() {
+        match tokio::time::timeout(BROKEN_GRACE, child.wait()).await {
+            Ok(status) => exited = Some(status),
+            Err(_) => send(WorkerEventKind::Broken(reason)),
+        }
+    }
     drop(socket);
     let status = match exited {
         Some(status) => status,

@@ -9,14 +9,14 @@
 //! |------|--------------------|-----------------------------------------------------------|
 //! | 1    | worker → supervisor | hello: protocol, ABI version, pid, name, version, description |
 //! | 2    | worker → supervisor | load failed: a UTF-8 message                             |
-//! | 3    | supervisor → worker | task: `u64` id, then the params' JSON                     |
+//! | 3    | supervisor → worker | task: `u64` frame number, `u64` task index, params' JSON  |
 //! | 4    | worker → supervisor | done: `u64` id, `u32` status, `u64` nanoseconds, payload  |
 //!
 //! Strings in a hello are a `u32` length followed by UTF-8 bytes. The
 //! supervisor ends a worker by shutting its side of the socket: a worker that
 //! reads end-of-file between frames exits with status 0.
 
-use std::io::{self, Read};
+use std::io::{self, BufReader, Read};
 
 /// The protocol version both sides must agree on. Sent in the hello.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -79,8 +79,11 @@ pub enum WorkerMessage {
 /// A task, from supervisor to worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskFrame<'a> {
-    /// Echoed back in the [`Done`] frame.
+    /// The frame's number on this worker's socket, echoed back in the
+    /// [`Done`] frame.
     pub id: u64,
+    /// The task's index in the run, for tagging its output.
+    pub index: u64,
     /// The params as JSON.
     pub params: &'a [u8],
 }
@@ -208,6 +211,13 @@ impl FrameAssembler {
     }
 }
 
+impl<R: Read> FrameReader<BufReader<R>> {
+    /// How many bytes are buffered and can be read without blocking.
+    pub fn buffered(&self) -> usize {
+        self.inner.buffer().len()
+    }
+}
+
 /// Checks a frame header and returns the body length.
 ///
 /// # Errors
@@ -242,6 +252,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 pub fn encode_task(out: &mut Vec<u8>, task: &TaskFrame<'_>) {
     let start = begin(out, KIND_TASK);
     out.extend_from_slice(&task.id.to_le_bytes());
+    out.extend_from_slice(&task.index.to_le_bytes());
     out.extend_from_slice(task.params);
     finish(out, start);
 }
@@ -383,8 +394,10 @@ pub fn decode_task(body: &[u8]) -> Result<TaskFrame<'_>, FrameError> {
         return Err(FrameError::UnknownKind(cursor.kind));
     }
     let id = cursor.u64()?;
+    let index = cursor.u64()?;
     Ok(TaskFrame {
         id,
+        index,
         params: cursor.rest,
     })
 }
@@ -432,6 +445,7 @@ mod tests {
             &mut frame,
             &TaskFrame {
                 id: 9,
+                index: 4,
                 params: b"[1,2]",
             },
         );
@@ -440,6 +454,7 @@ mod tests {
             task,
             TaskFrame {
                 id: 9,
+                index: 4,
                 params: b"[1,2]"
             }
         );

@@ -4,12 +4,13 @@
 //! at) started with [`WORKER_ARG`], through
 //! fork + exec. Between the two, in the child, `prepare_child` runs:
 //!
-//! 1. it moves the socket to [`WORKER_FD`] and the plugin copy to
-//!    [`LIBRARY_FD`], and closes every other descriptor above stderr, so the
-//!    worker inherits nothing but its own;
-//! 2. it asks the kernel for `SIGKILL` when the supervisor thread dies
-//!    (`PR_SET_PDEATHSIG`), and exits at once if the supervisor is already
-//!    gone;
+//! 1. it moves the socket to [`WORKER_FD`], the plugin copy to
+//!    [`LIBRARY_FD`] and the reply buffer to [`STAGING_FD`], and closes
+//!    every other descriptor above stderr, so the worker inherits nothing
+//!    but its own;
+//! 2. it asks the kernel for a signal when the supervisor thread dies
+//!    (`PR_SET_PDEATHSIG`, see [`death_signal`]), and exits at once if the
+//!    supervisor is already gone;
 //! 3. it applies the memory limit as `RLIMIT_AS` and the niceness.
 //!
 //! The child also becomes the leader of a new process group, so that killing
@@ -34,6 +35,7 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 
 use crate::protocol::{LIBRARY_FD, WORKER_FD};
+use crate::staging::{self, STAGING_FD};
 use crate::worker::{TAG_ARG, WORKER_ARG};
 
 /// Limits applied to each worker between fork and exec.
@@ -52,6 +54,9 @@ pub struct SpawnedWorker {
     pub child: Child,
     /// The supervisor's end of the protocol socket.
     pub socket: UnixStream,
+    /// The worker's reply buffer (see [`crate::staging`]), read when the
+    /// worker dies.
+    pub staging: OwnedFd,
 }
 
 /// Starts one worker.
@@ -66,6 +71,7 @@ pub fn spawn_worker(
     tag: bool,
 ) -> io::Result<SpawnedWorker> {
     let (ours, theirs) = UnixStream::pair()?;
+    let staging = staging::create()?;
 
     let mut command = Command::new(executable);
     command
@@ -79,14 +85,23 @@ pub fn spawn_worker(
 
     let socket_fd = theirs.as_raw_fd();
     let library_fd = library.as_raw_fd();
+    let staging_fd = staging.as_raw_fd();
     // SAFETY: the getpid call happens here, in the parent, before fork.
     let parent = unsafe { libc::getpid() };
+    let death_signal = death_signal();
     // SAFETY: `prepare_child` calls only async-signal-safe functions (fcntl,
     // dup2, close_range, prctl, getppid, setrlimit, setpriority, _exit) and
     // touches no memory shared with other threads of the parent, which is
     // what a closure between fork and exec must respect.
     unsafe {
-        command.pre_exec(move || prepare_child(socket_fd, library_fd, parent, limits));
+        command.pre_exec(move || {
+            prepare_child(
+                [socket_fd, library_fd, staging_fd],
+                parent,
+                death_signal,
+                limits,
+            )
+        });
     }
 
     let child = command.spawn()?;
@@ -94,14 +109,15 @@ pub fn spawn_worker(
     Ok(SpawnedWorker {
         child,
         socket: ours,
+        staging,
     })
 }
 
 /// Runs in the child between fork and exec.
 fn prepare_child(
-    socket_fd: RawFd,
-    library_fd: RawFd,
+    fds: [RawFd; 3],
     parent: libc::pid_t,
+    death_signal: libc::c_int,
     limits: WorkerLimits,
 ) -> io::Result<()> {
     fn check(result: libc::c_int) -> io::Result<libc::c_int> {
@@ -115,24 +131,27 @@ fn prepare_child(
     // SAFETY: every call below is async-signal-safe and works only on this
     // child's own descriptors, limits and process attributes.
     unsafe {
-        // Move both descriptors above the target numbers first, so that
-        // neither dup2 can overwrite the other when one of them already sits
-        // on 3 or 4.
-        let socket_high = check(libc::fcntl(socket_fd, libc::F_DUPFD, 10))?;
-        let library_high = check(libc::fcntl(library_fd, libc::F_DUPFD, 10))?;
-        check(libc::dup2(socket_high, WORKER_FD))?;
-        check(libc::dup2(library_high, LIBRARY_FD))?;
+        // Move the descriptors above the target numbers first, so that no
+        // dup2 can overwrite another when one of them already sits on 3, 4
+        // or 5.
+        let mut high = [0; 3];
+        for (slot, fd) in high.iter_mut().zip(fds) {
+            *slot = check(libc::fcntl(fd, libc::F_DUPFD, 10))?;
+        }
+        for (fd, target) in high.into_iter().zip([WORKER_FD, LIBRARY_FD, STAGING_FD]) {
+            check(libc::dup2(fd, target))?;
+        }
         // Everything else the runner holds is close-on-exec already; this
         // also drops descriptors the runner itself inherited without that
         // flag.
-        let first = (LIBRARY_FD + 1) as libc::c_uint;
+        let first = (STAGING_FD + 1) as libc::c_uint;
         if libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, 0) == -1 {
             for fd in first as RawFd..1024 {
                 libc::close(fd);
             }
         }
 
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, death_signal, 0, 0, 0))?;
         if libc::getppid() != parent {
             libc::_exit(1);
         }
@@ -149,6 +168,17 @@ fn prepare_child(
         }
     }
     Ok(())
+}
+
+/// The signal a worker gets when its supervisor dies.
+///
+/// Not `SIGKILL`: the worker catches this one and kills its whole process
+/// group with it, so that processes the plugin started die too (the death
+/// signal itself is not inherited by them). Its default action, before the
+/// worker installed its handler, also ends the worker. A realtime signal,
+/// because no plugin has a reason to touch it.
+pub fn death_signal() -> libc::c_int {
+    libc::SIGRTMAX() - 1
 }
 
 /// Sends `SIGKILL` to a worker's whole process group.

@@ -25,6 +25,7 @@ use plugin_api::{ABI_VERSION, DeclarationHeader, MAGIC, TaskDeclaration};
 use crate::protocol::{
     self, FrameReader, Hello, LIBRARY_FD, PROTOCOL_VERSION, WORKER_FD, WorkerMessage,
 };
+use crate::staging::{self, ReplyBuffer};
 
 /// The first argument that turns the `runner` binary into a worker.
 pub const WORKER_ARG: &str = "__runner-worker";
@@ -58,6 +59,31 @@ extern "C" fn on_abort(_signal: libc::c_int) {
             libc::_exit(EXIT_OUT_OF_MEMORY);
         }
     }
+}
+
+/// Kills the worker's whole process group, itself included, when the
+/// supervisor died.
+extern "C" fn on_supervisor_death(_signal: libc::c_int) {
+    // SAFETY: kill is async-signal-safe; group 0 is this process's own.
+    unsafe {
+        libc::kill(0, libc::SIGKILL);
+    }
+}
+
+/// Makes the death signal (see [`crate::spawn::death_signal`]) take the
+/// whole process group along.
+fn watch_for_supervisor_death() {
+    // SAFETY: a zeroed sigaction is a valid starting value; the handler only
+    // calls kill.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction =
+            on_supervisor_death as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(crate::spawn::death_signal(), &action, std::ptr::null_mut());
+    }
+    // A supervisor that died before the handler was in place sent the
+    // signal with its default action, which ended this process then.
 }
 
 /// Installs [`on_abort`] when the worker runs under a memory limit.
@@ -211,6 +237,18 @@ fn mark_task(index: u64) {
     }
 }
 
+/// The most answers held back before they are sent.
+const MAX_HELD: usize = 64;
+
+/// Sends the held answers in one write and empties the buffer.
+fn send_replies(writer: &mut impl Write, replies: &mut ReplyBuffer) -> std::io::Result<()> {
+    if !replies.is_empty() {
+        writer.write_all(replies.frames())?;
+        replies.clear();
+    }
+    Ok(())
+}
+
 /// Serves frames; returns the process exit status.
 fn serve(tag: bool) -> i32 {
     // SAFETY: the supervisor put a connected socket on WORKER_FD before exec
@@ -231,6 +269,7 @@ fn serve(tag: bool) -> i32 {
     let mut reader = FrameReader::new(BufReader::with_capacity(64 * 1024, &*socket));
     let mut frame = Vec::with_capacity(4096);
 
+    watch_for_supervisor_death();
     watch_for_out_of_memory();
     let plugin = match load() {
         Ok(plugin) => plugin,
@@ -258,6 +297,11 @@ fn serve(tag: bool) -> i32 {
     }
     frame.clear();
 
+    let mut replies = match ReplyBuffer::map() {
+        Ok(replies) => replies,
+        Err(_) => return EXIT_PROTOCOL,
+    };
+    let mut held = 0usize;
     let mut body = Vec::with_capacity(4096);
     let mut output = Vec::with_capacity(4096);
     loop {
@@ -272,7 +316,7 @@ fn serve(tag: bool) -> i32 {
 
         output.clear();
         if tag {
-            mark_task(task.id);
+            mark_task(task.index);
         }
         let started = Instant::now();
         // SAFETY: `state` came from this declaration's setup and is not torn
@@ -289,14 +333,33 @@ fn serve(tag: bool) -> i32 {
         };
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
 
-        // CAUTION: the answer goes out before the next call starts. If it
-        // waited to share a write with the next answers, a crash in the next
+        // CAUTION: the answer is in the reply buffer, or sent, before the
+        // next call starts. Kept only in this process, a crash in the next
         // call would take it along, and the supervisor would charge the
         // crash to this task, which succeeded.
         frame.clear();
         protocol::encode_done(&mut frame, task.id, status, nanos, &output);
-        if writer.write_all(&frame).is_err() {
+        if !replies.fits(&frame) {
+            if send_replies(&mut writer, &mut replies).is_err() {
+                return EXIT_PROTOCOL;
+            }
+        }
+        if replies.fits(&frame) {
+            replies.push(&frame);
+            held += 1;
+        } else if writer.write_all(&frame).is_err() {
             return EXIT_PROTOCOL;
+        }
+
+        // Send when the worker would wait for its next task, and bound how
+        // many answers wait: the supervisor counts time for timeouts from
+        // the answers it sees.
+        let more_input = reader.buffered() > 0 || staging::pending_input(&*socket) > 0;
+        if !more_input || held >= MAX_HELD {
+            if send_replies(&mut writer, &mut replies).is_err() {
+                return EXIT_PROTOCOL;
+            }
+            held = 0;
         }
     }
 
