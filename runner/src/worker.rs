@@ -339,10 +339,8 @@ fn serve(tag: bool) -> i32 {
         // crash to this task, which succeeded.
         frame.clear();
         protocol::encode_done(&mut frame, task.id, status, nanos, &output);
-        if !replies.fits(&frame) {
-            if send_replies(&mut writer, &mut replies).is_err() {
-                return EXIT_PROTOCOL;
-            }
+        if !replies.fits(&frame) && send_replies(&mut writer, &mut replies).is_err() {
+            return EXIT_PROTOCOL;
         }
         if replies.fits(&frame) {
             replies.push(&frame);
