@@ -462,7 +462,7 @@ pub mod __private {
         install_panic_hook();
         let message = match catch_unwind(AssertUnwindSafe(init)) {
             Ok(Ok(state)) => return Box::into_raw(Box::new(state)).cast(),
-            Ok(Err(error)) => error.message(),
+            Ok(Err(error)) => Fallback(&error.message()).to_string(),
             Err(payload) => format!("setup panicked: {}", panic_message(&*payload)),
         };
         // SAFETY: forwarded from this function's contract.

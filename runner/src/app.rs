@@ -20,23 +20,40 @@ use crate::resume::FinishedTasks;
 use crate::spawn::WorkerLimits;
 
 /// Writes records as JSON lines to a file or stdout.
+///
+/// A results file that exists is emptied only when the first record is
+/// written, or when a run that wrote none ends well: a run that stops
+/// before any task (a plugin that does not load) leaves it as it was.
 pub struct ResultsWriter {
     out: BufWriter<Box<dyn Write>>,
     line: Vec<u8>,
+    /// The file to empty before the first record, while that is pending.
+    to_empty: Option<File>,
+    /// A file this run created, removed if the run ends with nothing in it.
+    created: Option<std::path::PathBuf>,
 }
 
 impl ResultsWriter {
-    /// Creates (or truncates) the results file; `-` is stdout.
+    /// Opens the results file for a fresh run, checking that it can be
+    /// written; `-` is stdout.
     ///
     /// # Errors
     ///
-    /// When the file cannot be created.
+    /// When the file cannot be opened for writing.
     pub fn create(path: &Path) -> io::Result<Self> {
         if path == Path::new("-") {
-            Ok(Self::new(Box::new(io::stdout())))
-        } else {
-            Ok(Self::new(Box::new(File::create(path)?)))
+            return Ok(Self::new(Box::new(io::stdout())));
         }
+        let existed = path.exists();
+        let file = std::fs::OpenOptions::new().write(true).create(true).open(path)?;
+        let mut writer = Self::new(Box::new(file.try_clone()?));
+        // Only a regular file has contents to empty; a device or pipe
+        // (`/dev/full`, a FIFO) takes the records as they come.
+        if file.metadata()?.is_file() {
+            writer.to_empty = Some(file);
+        }
+        writer.created = (!existed).then(|| path.to_path_buf());
+        Ok(writer)
     }
 
     /// Writes records to `out`.
@@ -44,12 +61,42 @@ impl ResultsWriter {
         Self {
             out: BufWriter::with_capacity(256 * 1024, out),
             line: Vec::with_capacity(1024),
+            to_empty: None,
+            created: None,
+        }
+    }
+
+    fn empty_once(&mut self) -> io::Result<()> {
+        if let Some(file) = self.to_empty.take() {
+            file.set_len(0)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the run's writing: a run that ended well empties a file it
+    /// wrote nothing to; one that failed removes a file it created empty.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be emptied.
+    pub fn close(mut self, run_ok: bool) -> io::Result<()> {
+        self.out.flush()?;
+        if run_ok {
+            self.empty_once()
+        } else {
+            if self.to_empty.is_some() {
+                if let Some(path) = &self.created {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            Ok(())
         }
     }
 }
 
 impl RecordSink for ResultsWriter {
     fn record(&mut self, record: &TaskRecord) -> io::Result<()> {
+        self.empty_once()?;
         self.line.clear();
         record.write_json_line(&mut self.line);
         self.out.write_all(&self.line)
@@ -95,6 +142,25 @@ impl RecordSink for NoResults {
     }
 }
 
+/// Refuses a results file that is the params file: writing would destroy
+/// the params before they are read.
+fn check_distinct_files(settings: &Settings) -> anyhow::Result<()> {
+    let (Some(results), Some(params)) = (&settings.results, settings.params.path()) else {
+        return Ok(());
+    };
+    let same = match (std::fs::canonicalize(results), std::fs::canonicalize(params)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        anyhow::bail!(
+            "--results `{}` is the params file; write the results somewhere else",
+            results.display()
+        );
+    }
+    Ok(())
+}
+
 /// Runs the task described by `settings`.
 ///
 /// # Errors
@@ -106,6 +172,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     // Check everything that can be checked before any task runs and before
     // the results file is touched: the name, the params, the plugin.
     plugin::validate_name(&settings.task)?;
+    check_distinct_files(settings)?;
     let total = settings.params.validate()?;
     let library = plugin::prepare(&settings.work_dir, &settings.task)?;
     tracing::debug!(library = %library.source.display(), "plugin snapshot ready");
@@ -138,21 +205,22 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     };
 
     let mut finished = FinishedTasks::default();
-    let mut file_sink;
-    let mut no_sink = NoResults;
-    let sink: &mut dyn RecordSink = match &settings.results {
+    let mut file_sink = match &settings.results {
         Some(path) if settings.resume => {
             let (earlier, file) = FinishedTasks::load(path)?;
             tracing::info!(ok = earlier.len(), "resuming");
             finished = earlier;
-            file_sink = ResultsWriter::new(Box::new(file));
-            &mut file_sink
+            Some(ResultsWriter::new(Box::new(file)))
         }
-        Some(path) => {
-            file_sink = ResultsWriter::create(path)
-                .with_context(|| format!("cannot create results file `{}`", path.display()))?;
-            &mut file_sink
-        }
+        Some(path) => Some(
+            ResultsWriter::create(path)
+                .with_context(|| format!("cannot create results file `{}`", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut no_sink = NoResults;
+    let sink: &mut dyn RecordSink = match file_sink.as_mut() {
+        Some(file_sink) => file_sink,
         None => &mut no_sink,
     };
     let skipped = Arc::new(AtomicU64::new(0));
@@ -194,6 +262,13 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         .block_on(pool::run_pool(&library, &options, params, total, &mut sink))
         .context("cannot run the pool")?;
     progress.clear();
+    drop(sink);
+    if let Some(file_sink) = file_sink {
+        let run_ok = report.error.is_none();
+        if let Err(error) = file_sink.close(run_ok) {
+            report.error.get_or_insert(pool::PoolError::Results(error));
+        }
+    }
     tracing::info!(
         ok = report.summary.ok,
         failed = report.summary.failed,

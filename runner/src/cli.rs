@@ -449,6 +449,15 @@ impl Settings {
                 "--resume needs --results FILE (the file of the run to resume)",
             ));
         }
+        // Below this a worker cannot even map itself and its plugin, and
+        // every worker would die unborn, blamed on the plugin.
+        const MIN_MEMORY: u64 = 16 << 20;
+        if let Some(limit) = merged.memory_limit.filter(|&limit| limit < MIN_MEMORY) {
+            return Err(SettingsError::Invalid(format!(
+                "a memory limit of {limit} bytes is too small for a worker to start; \
+                 give at least 16M"
+            )));
+        }
         if merged.timeout == Some(Duration::ZERO) {
             return Err(SettingsError::Invalid(String::from(
                 "a timeout of zero would kill every task; leave it out for no timeout",

@@ -209,7 +209,63 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
+/// "line L, key `K`" for the line that sets `key` (in `[table]` when given).
+fn place_of_key(text: &str, table: Option<&str>, key: &str) -> String {
+    let mut current: Option<String> = None;
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            current = Some(line.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+            continue;
+        }
+        let Some((name, _)) = line.split_once('=') else {
+            continue;
+        };
+        if name.trim() == key && current.as_deref() == table {
+            let shown = match table {
+                Some(table) => format!("{table}.{key}"),
+                None => key.to_string(),
+            };
+            return format!("line {}, key `{shown}`", number + 1);
+        }
+    }
+    format!("key `{key}`")
+}
+
 impl ConfigFile {
+    /// Checks the values the types allow but a run does not.
+    fn check_values(&self, text: &str) -> Result<(), String> {
+        let sections = std::iter::once((None, self.max_parallel, self.timeout)).chain(
+            self.tasks
+                .iter()
+                .map(|(name, t)| (Some(format!("tasks.{name}")), t.max_parallel, t.timeout)),
+        );
+        for (table, max_parallel, timeout) in sections {
+            if max_parallel == Some(0) {
+                let place = place_of_key(text, table.as_deref(), "max-parallel");
+                return Err(format!("{place}: must be at least 1"));
+            }
+            if timeout.is_some_and(|t| t.0.is_zero()) {
+                let place = place_of_key(text, table.as_deref(), "timeout");
+                return Err(format!(
+                    "{place}: a timeout of zero would kill every task; leave it out for none"
+                ));
+            }
+        }
+        if let Some(range) = &self.range {
+            if let Err(error) = crate::params::ParamsSource::parse_range(range) {
+                let place = place_of_key(text, None, "range");
+                let message = error.to_string().replace("invalid --range", "invalid range");
+                return Err(format!("{place}: {message}"));
+            }
+            if self.params.is_some() {
+                let place = place_of_key(text, None, "range");
+                return Err(format!("{place}: `params` is set too; keep one of the two"));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads and parses a config file; relative paths in it are made
     /// relative to the file's folder.
     ///
@@ -226,6 +282,13 @@ impl ConfigFile {
             path: path.to_path_buf(),
             message: describe_toml_error(&text, &e),
         })?;
+
+        config
+            .check_values(&text)
+            .map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
 
         let base = path.parent().unwrap_or(Path::new("."));
         for field in [

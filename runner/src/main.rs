@@ -50,7 +50,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            runner::progress::suspend(|| eprintln!("error: {error:#}"));
+            // A closed stderr must not turn an error into a panic.
+            runner::progress::suspend(|| {
+                let _ = writeln!(io::stderr(), "error: {error:#}");
+            });
             ExitCode::from(runner::exit::ERROR)
         }
     }

@@ -105,6 +105,14 @@ impl ParamsSource {
         }
     }
 
+    /// The file the params come from, if they come from one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::JsonArray(path) | Self::JsonLines(path) | Self::Pipe(path) => Some(path),
+            Self::Range { .. } | Self::Stdin => None,
+        }
+    }
+
     /// Parses `A..B`.
     ///
     /// # Errors
@@ -183,6 +191,18 @@ impl ParamsSource {
     ///
     /// The first [`ParamsError`] met.
     pub fn stream(&self, mut each: impl FnMut(TaskParams) -> bool) -> Result<(), ParamsError> {
+        // A range's tasks are known by their numbers; the others' by their
+        // position.
+        if let Self::Range { start, end } = self {
+            for i in *start..*end {
+                let json = i.to_string().into_bytes();
+                if !each(TaskParams { index: i, json }) {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+
         let mut index = 0;
         let mut next = |json: Vec<u8>| {
             let task = TaskParams { index, json };
@@ -190,18 +210,11 @@ impl ParamsSource {
             each(task)
         };
         match self {
-            Self::Range { start, end } => {
-                for i in *start..*end {
-                    if !next(i.to_string().into_bytes()) {
-                        break;
-                    }
-                }
-                Ok(())
-            }
+            Self::Range { .. } => Ok(()),
             Self::JsonArray(path) => read_array(path, next),
             Self::JsonLines(path) => read_lines(open(path)?, &place_of(path), next),
             Self::Stdin => read_lines(io::stdin().lock(), "stdin", next),
-            Self::Pipe(path) => read_lines(open(path)?, &place_of(path), next),
+            Self::Pipe(path) => read_lines(open(path)?, &place_of(path), &mut next),
         }
     }
 }
@@ -272,6 +285,20 @@ fn strip_position(error: &serde_json::Error) -> String {
     }
 }
 
+/// Whether a file holds nothing but whitespace.
+fn only_whitespace(file: &mut File) -> io::Result<bool> {
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if !buffer[..n].iter().all(u8::is_ascii_whitespace) {
+            return Ok(false);
+        }
+    }
+}
+
 /// Reads a `.json` file's array, calling `each` with every element.
 fn read_array(path: &Path, each: impl FnMut(Vec<u8>) -> bool) -> Result<(), ParamsError> {
     struct Elements<F>(F);
@@ -305,6 +332,14 @@ fn read_array(path: &Path, each: impl FnMut(Vec<u8>) -> bool) -> Result<(), Para
         }
     }
 
+    // An empty file is no tasks, as an empty JSON Lines file is.
+    let mut file = open(path)?;
+    if only_whitespace(&mut file).map_err(|source| ParamsError::Read {
+        place: place_of(path),
+        source,
+    })? {
+        return Ok(());
+    }
     let file = open(path)?;
     let reader = BufReader::with_capacity(256 * 1024, file);
     let mut deserializer = serde_json::Deserializer::from_reader(reader);

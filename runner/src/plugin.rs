@@ -479,6 +479,13 @@ fn snapshot(path: &Path) -> Result<OwnedFd, PluginError> {
         path: path.to_path_buf(),
         source,
     };
+    // A pipe or device would block or never end; only a file is a library.
+    if !fs::metadata(path).map_err(fail)?.is_file() {
+        return Err(PluginError::NotALibrary {
+            path: path.to_path_buf(),
+            reason: String::from("it is not a regular file"),
+        });
+    }
     let mut file = File::open(path).map_err(fail)?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(fail)?;

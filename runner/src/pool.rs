@@ -529,10 +529,12 @@ impl<'a> Supervisor<'a> {
                 attempts: 0,
                 endings: Vec::new(),
             }),
+            // Tasks read before the bad line still run; no task after it
+            // does, and the run then ends with the error.
             Some(Err(error)) => {
                 tracing::debug!(%error, "params stream failed");
                 self.params = None;
-                self.fail(error.into(), false);
+                self.error.get_or_insert(error.into());
             }
             None => {
                 tracing::debug!("params stream ended");
@@ -1251,7 +1253,20 @@ impl<'a> Supervisor<'a> {
         let (closed_tx, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.output_tx, closed_tx));
         if let Some(thread) = self.output_thread.take() {
-            let _ = thread.join();
+            // Task output is delivered in full, however slow its reader,
+            // except after a signal: a reader that stopped reading must not
+            // keep an interrupted runner alive.
+            if self.interrupted.is_none() {
+                let _ = thread.join();
+            } else {
+                let deadline = Instant::now() + OUTPUT_DRAIN;
+                while !thread.is_finished() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if thread.is_finished() {
+                    let _ = thread.join();
+                }
+            }
         }
 
         self.summary.wall = self.started.elapsed();

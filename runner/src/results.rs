@@ -211,11 +211,8 @@ impl RunSummary {
             )?;
         }
         for (index, ending) in &self.first_failed {
-            writeln!(
-                out,
-                "  task {index} failed: {}: {}",
-                ending.kind, ending.message
-            )?;
+            let message = for_terminal(&ending.message);
+            writeln!(out, "  task {index} failed: {}: {message}", ending.kind)?;
         }
         if self.failed > self.first_failed.len() as u64 {
             let hint = if self.recorded {
@@ -242,6 +239,25 @@ impl RunSummary {
         }
         Ok(())
     }
+}
+
+/// A plugin's message made safe to show on a terminal: control characters
+/// escaped, and cut at 300 characters (the results file has it whole).
+fn for_terminal(message: &str) -> String {
+    const LIMIT: usize = 300;
+    let mut shown = String::new();
+    for (count, c) in message.chars().enumerate() {
+        if count == LIMIT {
+            shown.push_str(" [...]");
+            break;
+        }
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
 }
 
 /// "1 task", "2 tasks".
