@@ -311,7 +311,7 @@ macro_rules! export_task {
         #[doc(hidden)]
         #[unsafe(no_mangle)]
         pub static RUNNER_TASK_DECLARATION: $crate::TaskDeclaration = {
-            unsafe extern "C" fn setup(
+            unsafe extern "C" fn __runner_setup(
                 sink: $crate::Sink,
                 ctx: *mut ::std::ffi::c_void,
             ) -> *mut ::std::ffi::c_void {
@@ -320,7 +320,7 @@ macro_rules! export_task {
                 unsafe { $crate::__private::setup(sink, ctx, $setup) }
             }
 
-            unsafe extern "C" fn call(
+            unsafe extern "C" fn __runner_call(
                 state: *mut ::std::ffi::c_void,
                 params: *const u8,
                 params_len: usize,
@@ -336,7 +336,7 @@ macro_rules! export_task {
                 }
             }
 
-            unsafe extern "C" fn teardown(state: *mut ::std::ffi::c_void) {
+            unsafe extern "C" fn __runner_teardown(state: *mut ::std::ffi::c_void) {
                 // SAFETY: `state` came from `setup` and the host drops it
                 // once.
                 unsafe { $crate::__private::teardown(state, $setup) }
@@ -348,9 +348,9 @@ macro_rules! export_task {
                 name: $crate::RawStr::new(env!("CARGO_PKG_NAME")),
                 version: $crate::RawStr::new(env!("CARGO_PKG_VERSION")),
                 description: $crate::RawStr::new(env!("CARGO_PKG_DESCRIPTION")),
-                setup,
-                call,
-                teardown,
+                setup: __runner_setup,
+                call: __runner_call,
+                teardown: __runner_teardown,
             }
         };
     };

@@ -45,7 +45,10 @@ impl ResultsWriter {
             return Ok(Self::new(Box::new(io::stdout())));
         }
         let existed = path.exists();
-        let file = std::fs::OpenOptions::new().write(true).create(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .open(path)?;
         let mut writer = Self::new(Box::new(file.try_clone()?));
         // Only a regular file has contents to empty; a device or pipe
         // (`/dev/full`, a FIFO) takes the records as they come.
@@ -148,7 +151,10 @@ fn check_distinct_files(settings: &Settings) -> anyhow::Result<()> {
     let (Some(results), Some(params)) = (&settings.results, settings.params.path()) else {
         return Ok(());
     };
-    let same = match (std::fs::canonicalize(results), std::fs::canonicalize(params)) {
+    let same = match (
+        std::fs::canonicalize(results),
+        std::fs::canonicalize(params),
+    ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };

@@ -215,7 +215,11 @@ fn place_of_key(text: &str, table: Option<&str>, key: &str) -> String {
     for (number, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.starts_with('[') {
-            current = Some(line.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+            current = Some(
+                line.trim_matches(|c| c == '[' || c == ']')
+                    .trim()
+                    .to_string(),
+            );
             continue;
         }
         let Some((name, _)) = line.split_once('=') else {
@@ -255,7 +259,9 @@ impl ConfigFile {
         if let Some(range) = &self.range {
             if let Err(error) = crate::params::ParamsSource::parse_range(range) {
                 let place = place_of_key(text, None, "range");
-                let message = error.to_string().replace("invalid --range", "invalid range");
+                let message = error
+                    .to_string()
+                    .replace("invalid --range", "invalid range");
                 return Err(format!("{place}: {message}"));
             }
             if self.params.is_some() {

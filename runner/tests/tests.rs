@@ -18,3 +18,5 @@ mod security;
 // What a person sees: help, list, new, the summary, --tag, the progress bar,
 // shards, and the pool as a library.
 mod usability;
+// Faults found by trying to break the runner.
+mod regressions;

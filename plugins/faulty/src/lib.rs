@@ -25,6 +25,13 @@
 //! | `fork-hang`      |                   | forks a child that sleeps, then hangs itself   |
 //! | `fds`            |                   | returns the worker's open descriptors          |
 //!
+//! The environment variable `FAULTY_SETUP` makes the per-worker setup
+//! misbehave: `hang` sleeps for an hour, `fail` returns an error, `empty`
+//! returns an error with no message.
+//!
+//! `write` writes the bytes given as hex in `hex` to descriptor `fd`, to
+//! forge protocol frames.
+//!
 //! With `log` set to a file path, the task first appends `value` and a
 //! newline to that file, so a test can count how often each task ran.
 //!
@@ -65,6 +72,8 @@ pub struct Params {
     pidfile: Option<PathBuf>,
     #[serde(default)]
     log: Option<PathBuf>,
+    #[serde(default)]
+    hex: String,
 }
 
 fn default_fd() -> i32 {
@@ -94,6 +103,7 @@ enum Action {
     Escape,
     ForkHang,
     Fds,
+    Write,
 }
 
 #[inline(never)]
@@ -151,8 +161,27 @@ fn write_fd(fd: i32, bytes: &[u8]) {
     }
 }
 
+/// The per-worker setup, steered by `FAULTY_SETUP`.
+pub fn setup() -> Result<(), String> {
+    match std::env::var("FAULTY_SETUP").as_deref() {
+        Ok("hang") => {
+            std::thread::sleep(Duration::from_secs(3600));
+            Ok(())
+        }
+        Ok("fail") => Err(String::from("FAULTY_SETUP asked setup to fail")),
+        Ok("empty") => Err(String::new()),
+        _ => Ok(()),
+    }
+}
+
+fn from_hex(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
 /// Does what `params` says.
-pub fn run(params: Params) -> Result<Value, TaskError> {
+pub fn run(_state: &mut (), params: Params) -> Result<Value, TaskError> {
     if let Some(log) = &params.log {
         let line = format!("{}\n", params.value);
         std::fs::OpenOptions::new()
@@ -226,6 +255,7 @@ pub fn run(params: Params) -> Result<Value, TaskError> {
             std::thread::sleep(Duration::from_secs(3600));
         }
         Action::Fds => return Ok(Value::from(open_descriptors())),
+        Action::Write => write_fd(params.fd, &from_hex(&params.hex)),
         Action::CloseProtocol => {
             // SAFETY: closing a descriptor number is sound; this is the fault
             // under test.
@@ -237,4 +267,4 @@ pub fn run(params: Params) -> Result<Value, TaskError> {
     Ok(params.value)
 }
 
-export_task!(run);
+export_task!(run, setup = setup);
