@@ -45,9 +45,11 @@ impl ResultsWriter {
             return Ok(Self::new(Box::new(io::stdout())));
         }
         let existed = path.exists();
+        // Not truncated here: see `empty_once`.
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .open(path)?;
         let mut writer = Self::new(Box::new(file.try_clone()?));
         // Only a regular file has contents to empty; a device or pipe
@@ -268,7 +270,6 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         .block_on(pool::run_pool(&library, &options, params, total, &mut sink))
         .context("cannot run the pool")?;
     progress.clear();
-    drop(sink);
     if let Some(file_sink) = file_sink {
         let run_ok = report.error.is_none();
         if let Err(error) = file_sink.close(run_ok) {
