@@ -40,8 +40,9 @@ fn main() -> anyhow::Result<()> {
             ok += 1;
         }
         let summary = pool.finish().await?;
+        // Workers start as work waits for them, up to the 50 allowed.
         eprintln!(
-            "{ok} results, {} ok, {} failed, on {} workers",
+            "{ok} results, {} ok, {} failed; {} workers started, at most 50",
             summary.ok, summary.failed, summary.workers_started
         );
         Ok(())

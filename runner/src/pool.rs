@@ -74,6 +74,12 @@ use crate::staging;
 /// one at a time.
 pub const WINDOW_BUDGET: Duration = Duration::from_micros(500);
 
+/// How many task times the mean needs before the pool acts on it.
+const TRUSTED_SAMPLES: u64 = 16;
+
+/// About what starting a worker costs: fork, exec, loading the plugin.
+const WORKER_START: Duration = Duration::from_millis(2);
+
 /// The least time a worker's call runs, with tasks sent ahead of it,
 /// before the supervisor looks into its reply buffer for held results.
 const PEEK_DELAY_MIN: Duration = Duration::from_millis(2);
@@ -390,6 +396,8 @@ struct Supervisor<'a> {
     queue_target: usize,
     /// The most workers this run needs.
     worker_target: usize,
+    /// The most workers starting (spawned, not yet ready) at once.
+    start_at_once: usize,
     workers: HashMap<u64, WorkerSlot>,
     next_worker: u64,
     events_tx: mpsc::UnboundedSender<WorkerEvent>,
@@ -409,6 +417,8 @@ struct Supervisor<'a> {
     /// Mean plugin call time, as a moving average over recent tasks; `None`
     /// before the first task ends.
     mean_task: Option<Duration>,
+    /// How many task times went into `mean_task`.
+    samples: u64,
 }
 
 impl<'a> Supervisor<'a> {
@@ -440,6 +450,7 @@ impl<'a> Supervisor<'a> {
             queue: VecDeque::new(),
             queue_target: (workers * options.max_window.max(1)).max(64),
             worker_target,
+            start_at_once: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
             workers: HashMap::new(),
             next_worker: 0,
             events_tx,
@@ -456,6 +467,7 @@ impl<'a> Supervisor<'a> {
             summary: RunSummary::default(),
             started: Instant::now(),
             mean_task: None,
+            samples: 0,
         }
     }
 
@@ -574,19 +586,10 @@ impl<'a> Supervisor<'a> {
             return;
         }
 
-        // First one task for every ready worker with none; only then, and
-        // only when no worker is still starting, tasks sent ahead. Sent
-        // ahead while a worker is starting, a burst of slow tasks would
-        // queue behind one worker while the other comes up idle.
-        let starting = self
-            .workers
-            .values()
-            .any(|s| !s.ready && s.frames.is_some());
+        // First one task for every ready worker with none, then tasks sent
+        // ahead, so that no worker waits while another has a backlog.
         let window = self.window();
         for pass_window in [1, window] {
-            if pass_window > 1 && starting {
-                break;
-            }
             for slot in self.workers.values_mut() {
                 if !slot.ready || slot.killed.is_some() {
                     continue;
@@ -630,9 +633,29 @@ impl<'a> Supervisor<'a> {
         // A worker counts until its exit is handled, even once it is
         // closing or killed, so a plugin that kills its workers at once
         // cannot make the pool start more than its limit.
+        //
+        // Workers start as work waits for them: only while tasks are left in
+        // the queue after every ready worker took what it can, and only a
+        // few at a time. Slow tasks thus bring up all the workers allowed
+        // within milliseconds, and a batch of tiny ones is done by the
+        // first few before the rest would even have loaded the plugin.
         let live = self.workers.len();
-        let wanted = self.worker_target.min(live + self.queue.len().max(1));
-        for _ in live..wanted {
+        let starting = self
+            .workers
+            .values()
+            .filter(|s| !s.ready && s.frames.is_some())
+            .count();
+        let ready = self.workers.values().filter(|s| s.ready).count();
+        let waiting = if live == 0 && (!self.queue.is_empty() || self.params.is_some()) {
+            self.queue.len().max(1)
+        } else if self.queue_outlasts_a_start(ready) {
+            self.queue.len()
+        } else {
+            0
+        };
+        let room = self.worker_target.saturating_sub(live);
+        let startable = self.start_at_once.saturating_sub(starting);
+        for _ in 0..room.min(startable).min(waiting) {
             if let Err(error) = self.spawn_worker() {
                 self.fail(error, true);
                 return;
@@ -707,11 +730,23 @@ impl<'a> Supervisor<'a> {
             })
     }
 
+    /// Whether the queued tasks would keep the ready workers busy for
+    /// longer than a new worker takes to start; if not, a new one would
+    /// arrive to find the work done.
+    fn queue_outlasts_a_start(&self, ready: usize) -> bool {
+        let Some(mean) = self.mean_task.filter(|_| self.samples >= TRUSTED_SAMPLES) else {
+            return true;
+        };
+        let queued = mean.saturating_mul(u32::try_from(self.queue.len()).unwrap_or(u32::MAX));
+        queued > WORKER_START.saturating_mul(u32::try_from(ready.max(1)).unwrap_or(u32::MAX))
+    }
+
     /// How many tasks a worker may have sent ahead right now.
     fn window(&self) -> usize {
         let max = self.options.max_window.max(1);
-        match self.mean_task {
-            // Until a task has ended, nothing is known of their length.
+        match self.mean_task.filter(|_| self.samples >= TRUSTED_SAMPLES) {
+            // Until enough tasks have ended, nothing is known of their
+            // length: one tiny task first says little about the next.
             None => 1,
             Some(mean) => {
                 let fits = WINDOW_BUDGET.as_nanos() / mean.as_nanos().max(1);
@@ -723,6 +758,7 @@ impl<'a> Supervisor<'a> {
     /// Folds a finished call's time into the moving average.
     fn observe_task_time(&mut self, duration: Duration) {
         let before = self.window();
+        self.samples += 1;
         self.mean_task = Some(match self.mean_task {
             None => duration,
             Some(mean) => (mean * 15 + duration) / 16,
