@@ -1423,8 +1423,9 @@ async fn read_worker(
             break 'read reason;
         }
 
+        let room = frames.wanted(64 * 1024, 8 << 20);
         let buffer = frames.buffer();
-        buffer.reserve(64 * 1024);
+        buffer.reserve(room);
         tokio::select! {
             read = socket.read_buf(buffer) => match read {
                 Ok(0) if frames.has_partial() => break "closed its socket mid-frame".into(),

@@ -209,6 +209,21 @@ impl FrameAssembler {
     pub fn has_partial(&self) -> bool {
         self.start < self.buf.len()
     }
+
+    /// How much room the next read should have: what the unfinished frame
+    /// still needs, but at least `min` and at most `max`, so that a large
+    /// frame arrives in few reads while a header's claim alone never buys
+    /// more than `max`.
+    pub fn wanted(&self, min: usize, max: usize) -> usize {
+        let pending = &self.buf[self.start..];
+        let needed = match pending.first_chunk::<4>() {
+            Some(header) => {
+                (u32::from_le_bytes(*header) as usize + 4).saturating_sub(pending.len())
+            }
+            None => 0,
+        };
+        needed.clamp(min, max)
+    }
 }
 
 impl<R: Read> FrameReader<BufReader<R>> {

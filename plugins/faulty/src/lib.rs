@@ -13,6 +13,7 @@
 //! | `exit`           | `code`            | exits the process with `code`                  |
 //! | `sleep`          | `ms`              | sleeps, then returns `value`                   |
 //! | `spin`           |                   | loops forever                                  |
+//! | `burn`           | `ms`              | keeps a core busy for `ms`, then returns `value` |
 //! | `print`          | `bytes`           | prints `bytes` bytes in 64-byte lines          |
 //! | `return`         | `bytes`           | returns a string of `bytes` bytes              |
 //! | `stack-overflow` |                   | recurses without bound                         |
@@ -92,6 +93,7 @@ enum Action {
     Exit,
     Sleep,
     Spin,
+    Burn,
     Print,
     Return,
     StackOverflow,
@@ -219,6 +221,12 @@ pub fn run(_state: &mut (), params: Params) -> Result<Value, TaskError> {
         Action::Spin => loop {
             std::hint::spin_loop();
         },
+        Action::Burn => {
+            let until = std::time::Instant::now() + Duration::from_millis(params.ms);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
         Action::Print => {
             let line = [b'x'; 63];
             let mut out = std::io::stdout().lock();
