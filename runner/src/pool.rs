@@ -154,12 +154,25 @@ impl PoolOptions {
             retries: 2,
             grace: Duration::from_secs(5),
             limits: WorkerLimits::default(),
-            executable: std::env::current_exe()?,
+            executable: worker_executable(std::env::current_exe()?),
             output: OutputMode::Normal,
             max_window: 64,
             handle_signals: true,
             tag: false,
         })
+    }
+}
+
+/// The executable to start workers from: `runner-worker` next to the
+/// `runner` binary when it is there (a smaller executable, so smaller
+/// workers), the running executable itself otherwise.
+fn worker_executable(current: PathBuf) -> PathBuf {
+    let is_runner = current.file_name().is_some_and(|name| name == "runner");
+    let sibling = current.with_file_name("runner-worker");
+    if is_runner && sibling.is_file() {
+        sibling
+    } else {
+        current
     }
 }
 
