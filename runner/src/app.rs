@@ -194,10 +194,10 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         memory: settings.memory_limit,
         nice: None,
     };
-    options.output = if settings.results_to_stdout() {
-        OutputMode::Stderr
-    } else if settings.quiet {
+    options.output = if settings.quiet {
         OutputMode::Quiet
+    } else if settings.results_to_stdout() {
+        OutputMode::Stderr
     } else {
         OutputMode::Normal
     };

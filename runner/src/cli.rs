@@ -246,11 +246,20 @@ impl Shard {
                 let count = number("SLURM_ARRAY_TASK_COUNT")?.ok_or(
                     "--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not",
                 )?;
+                // Arrays may start past 0 and step: `--array=1-7:2` has
+                // the tasks 1, 3, 5 and 7, shards 0 to 3.
                 let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
-                let index = id
+                let step = number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
+                let offset = id
                     .checked_sub(min)
                     .ok_or("--shard auto: SLURM_ARRAY_TASK_ID is below SLURM_ARRAY_TASK_MIN")?;
-                (index, count)
+                if offset % step != 0 {
+                    return Err(format!(
+                        "--shard auto: SLURM_ARRAY_TASK_ID {id} is not on the array's step of \
+                         {step} from {min}"
+                    ));
+                }
+                (offset / step, count)
             } else if let Some(index) = number("JOB_COMPLETION_INDEX")? {
                 let count = number("RUNNER_SHARD_COUNT")?.ok_or(
                     "--shard auto: JOB_COMPLETION_INDEX is set but RUNNER_SHARD_COUNT is not; \
@@ -524,6 +533,18 @@ mod tests {
         assert_eq!(
             Shard::parse("auto", slurm),
             Ok(Shard { index: 2, count: 4 })
+        );
+
+        let stepped = |name: &str| match name {
+            "SLURM_ARRAY_TASK_ID" => Some("4".to_string()),
+            "SLURM_ARRAY_TASK_COUNT" => Some("3".to_string()),
+            "SLURM_ARRAY_TASK_MIN" => Some("0".to_string()),
+            "SLURM_ARRAY_TASK_STEP" => Some("2".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            Shard::parse("auto", stepped),
+            Ok(Shard { index: 2, count: 3 })
         );
 
         let k8s = |name: &str| match name {

@@ -1244,9 +1244,10 @@ impl<'a> Supervisor<'a> {
             ending.kind.is_retryable() && task.attempts <= self.options.retries && !self.stopping;
         task.endings.push(ending.clone());
         if retry {
-            tracing::debug!(
+            tracing::info!(
                 task = task.params.index,
                 attempt = task.attempts,
+                ending = %ending.kind,
                 "retrying"
             );
             self.summary.retried += 1;

@@ -8,12 +8,12 @@
 //! [`suspend`], which lifts the bar for the write, so no line is drawn
 //! over.
 
-use std::io::{self, IsTerminal};
+use std::io::{self, IsTerminal, Write};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 
 use crate::cli::ProgressMode;
 
@@ -25,6 +25,71 @@ pub fn suspend<T>(write: impl FnOnce() -> T) -> T {
     match BAR.get() {
         Some(bar) if !bar.is_hidden() => bar.suspend(write),
         _ => write(),
+    }
+}
+
+/// Stderr as a terminal of 80 columns that understands ANSI cursor moves,
+/// for `--progress always` where stderr is no terminal.
+#[derive(Debug)]
+struct PlainStderr;
+
+impl PlainStderr {
+    fn put(&self, text: &str) -> io::Result<()> {
+        io::stderr().write_all(text.as_bytes())
+    }
+}
+
+impl TermLike for PlainStderr {
+    fn width(&self) -> u16 {
+        80
+    }
+
+    fn move_cursor_up(&self, n: usize) -> io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}A"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn move_cursor_down(&self, n: usize) -> io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}B"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn move_cursor_right(&self, n: usize) -> io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}C"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn move_cursor_left(&self, n: usize) -> io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}D"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn write_line(&self, line: &str) -> io::Result<()> {
+        self.put(&format!("{line}\n"))
+    }
+
+    fn write_str(&self, text: &str) -> io::Result<()> {
+        self.put(text)
+    }
+
+    fn clear_line(&self) -> io::Result<()> {
+        self.put("\r\x1b[2K")
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        io::stderr().flush()
     }
 }
 
@@ -63,7 +128,14 @@ impl Progress {
                     ProgressBar::new_spinner().with_style(style)
                 }
             };
-            bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+            // indicatif hides its own stderr target when stderr is no
+            // terminal; `always` means drawing there too.
+            let target = if mode == ProgressMode::Always && !io::stderr().is_terminal() {
+                ProgressDrawTarget::term_like_with_hz(Box::new(PlainStderr), 10)
+            } else {
+                ProgressDrawTarget::stderr_with_hz(10)
+            };
+            bar.set_draw_target(target);
             bar.enable_steady_tick(Duration::from_millis(200));
             let _ = BAR.set(bar.clone());
             bar

@@ -188,15 +188,20 @@ impl RunSummary {
         let done = self.ok + self.failed;
         let secs = self.wall.as_secs_f64();
         let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
-        let mean_ms = if done > 0 {
-            self.task_time.as_secs_f64() * 1000.0 / done as f64
+        let rate = if rate < 10.0 {
+            format!("{rate:.1}")
         } else {
-            0.0
+            format!("{rate:.0}")
+        };
+        let mean = if done > 0 {
+            short_duration(self.task_time.as_secs_f64() / done as f64)
+        } else {
+            String::from("-")
         };
         writeln!(
             out,
-            "{}: {} ok, {} failed, {} retried in {secs:.2}s ({rate:.0} tasks/s, \
-             mean task {mean_ms:.3} ms, {} started)",
+            "{}: {} ok, {} failed, {} retried in {secs:.2}s ({rate} tasks/s, \
+             mean task {mean}, {} started)",
             plural(done, "task", "tasks"),
             self.ok,
             self.failed,
@@ -233,7 +238,7 @@ impl RunSummary {
         if self.not_run > 0 {
             writeln!(
                 out,
-                "  {} not run: the run stopped early",
+                "  {} not finished: the run stopped early",
                 plural(self.not_run, "task", "tasks")
             )?;
         }
@@ -258,6 +263,20 @@ fn for_terminal(message: &str) -> String {
         }
     }
     shown
+}
+
+/// A duration in the unit that shows it best: "12 ns", "4.2 µs", "3.1 ms",
+/// "2.50 s".
+fn short_duration(secs: f64) -> String {
+    if secs < 1e-6 {
+        format!("{:.0} ns", secs * 1e9)
+    } else if secs < 1e-3 {
+        format!("{:.1} µs", secs * 1e6)
+    } else if secs < 1.0 {
+        format!("{:.1} ms", secs * 1e3)
+    } else {
+        format!("{secs:.2} s")
+    }
 }
 
 /// "1 task", "2 tasks".

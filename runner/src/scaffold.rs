@@ -117,12 +117,14 @@ pub fn create(name: &str, work_dir: &Path, plugin_api: Option<&Path>) -> anyhow:
     if RESERVED.contains(&lib_name.as_str()) {
         bail!("invalid task name `{name}`: it is reserved in Rust; pick another");
     }
-    if !work_dir.is_dir() {
+    if work_dir.exists() && !work_dir.is_dir() {
         bail!(
-            "work dir `{}` is not a directory; create it first or give another with --work-dir",
+            "work dir `{}` is a file, not a folder; give another with --work-dir",
             work_dir.display()
         );
     }
+    std::fs::create_dir_all(work_dir)
+        .with_context(|| format!("cannot create work dir `{}`", work_dir.display()))?;
     let dir = work_dir.join(name);
     if dir.exists() {
         bail!(

@@ -333,6 +333,28 @@ fn the_progress_bar_draws_on_a_terminal_and_never_into_a_pipe() {
         "the bar reached a pipe"
     );
     check!(quiet, !quiet.stderr.contains('\r'));
+
+    // `always` means into a pipe, too.
+    let mut forced = runner();
+    forced
+        .args([
+            "--task",
+            "faulty",
+            "-j",
+            "2",
+            "--progress",
+            "always",
+            "--params",
+        ])
+        .arg(&params)
+        .arg("--work-dir")
+        .arg(work.path());
+    let forced = crate::util::run(forced, Duration::from_secs(30));
+    check!(forced, forced.code() == Some(0));
+    check!(
+        forced,
+        forced.stderr.contains("/12 tasks (0 failed, 0 retried)")
+    );
 }
 
 #[test]
