@@ -74,6 +74,10 @@ use crate::staging;
 /// one at a time.
 pub const WINDOW_BUDGET: Duration = Duration::from_micros(500);
 
+/// The least time a closed worker gets to exit (its plugin's teardown)
+/// before it is killed, when a timeout is set.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// How many task times the mean needs before the pool acts on it.
 const TRUSTED_SAMPLES: u64 = 16;
 
@@ -266,6 +270,8 @@ struct Task {
     params: TaskParams,
     attempts: u32,
     endings: Vec<Ending>,
+    /// When the task's frame went to its worker; unset while queued.
+    sent_at: Option<Instant>,
 }
 
 /// Why the loop killed a worker.
@@ -298,6 +304,11 @@ struct WorkerSlot {
     /// How long after `running_since` to look into the reply buffer while
     /// tasks are sent ahead; doubles while a look finds nothing new.
     peek_delay: Duration,
+    /// When to look into the reply buffer next (see `peek_at`).
+    next_peek: Instant,
+    /// When the loop closed this idle worker; one that does not exit in
+    /// time (a plugin whose teardown hangs) is killed.
+    closing_since: Option<Instant>,
     /// When the front task started, as far as the supervisor can tell.
     running_since: Instant,
     /// Set when the loop killed the worker; decides the running task's
@@ -553,6 +564,7 @@ impl<'a> Supervisor<'a> {
                 params,
                 attempts: 0,
                 endings: Vec::new(),
+                sent_at: None,
             }),
             // Tasks read before the bad line still run; no task after it
             // does, and the run then ends with the error.
@@ -593,6 +605,7 @@ impl<'a> Supervisor<'a> {
                     if slot.in_flight.is_empty() && slot.frames.is_some() {
                         tracing::trace!(pid = slot.pid, "closing idle worker");
                         slot.frames = None;
+                        slot.closing_since = Some(Instant::now());
                     }
                 }
             }
@@ -627,9 +640,13 @@ impl<'a> Supervisor<'a> {
                         },
                     );
                     slot.next_seq += 1;
+                    let now = Instant::now();
+                    task.sent_at = Some(now);
                     if slot.in_flight.is_empty() {
-                        slot.running_since = Instant::now();
+                        slot.running_since = now;
                         slot.front_seq = slot.next_seq - 1;
+                        slot.peek_delay = PEEK_DELAY_MIN;
+                        slot.next_peek = now + PEEK_DELAY_MIN;
                     }
                     tracing::debug!(task = task.params.index, pid = slot.pid, "dispatched");
                     slot.in_flight.push_back(task);
@@ -729,6 +746,8 @@ impl<'a> Supervisor<'a> {
                         front_seq: 0,
                         next_seq: 0,
                         peek_delay: PEEK_DELAY_MIN,
+                        next_peek: Instant::now(),
+                        closing_since: None,
                         running_since: Instant::now(),
                         killed: None,
                         broken: None,
@@ -807,10 +826,11 @@ impl<'a> Supervisor<'a> {
         let starting = !slot.ready && slot.frames.is_some();
         let running = slot.ready && !slot.in_flight.is_empty();
         if starting || running {
-            slot.running_since.checked_add(timeout)
-        } else {
-            None
+            return slot.running_since.checked_add(timeout);
         }
+        // A closed worker exits at once unless its plugin's teardown hangs.
+        let closing = slot.closing_since.filter(|_| slot.in_flight.is_empty())?;
+        closing.checked_add(timeout.max(CLOSE_GRACE))
     }
 
     fn on_deadline(&mut self) {
@@ -838,24 +858,44 @@ impl<'a> Supervisor<'a> {
             if self.settle_held_replies(id) == 0 {
                 if let Some(slot) = self.workers.get_mut(&id) {
                     slot.peek_delay = (slot.peek_delay * 2).min(PEEK_DELAY_MAX);
+                    slot.next_peek = now + slot.peek_delay;
                 }
             }
         }
 
-        let Some(timeout) = self.options.timeout else {
-            return;
-        };
+        if let Some(timeout) = self.options.timeout {
+            self.kill_overdue(overdue, timeout, now);
+        }
+        // Records settled here, from reply buffers, must not wait for the
+        // next event to reach the file.
+        if let Err(error) = self.sink.flush() {
+            self.fail(PoolError::Results(error), true);
+        }
+    }
+
+    fn kill_overdue(&mut self, overdue: Vec<u64>, timeout: Duration, now: Instant) {
         for id in overdue {
             // Results the worker held are not the running task's: settle
-            // them first, so the timeout lands on the task that ran long.
+            // them first, so the timeout lands on the task that ran long,
+            // and only if that one is overdue too.
             self.settle_held_replies(id);
-            let Some(slot) = self.workers.get_mut(&id) else {
+            let Some(slot) = self.workers.get(&id) else {
                 continue;
             };
-            if slot.killed.is_some() {
+            if slot.killed.is_some() || !self.timeout_at(slot).is_some_and(|at| at <= now) {
                 continue;
             }
+            let slot = self.workers.get_mut(&id).expect("looked up above");
             let task = slot.in_flight.front().map(|t| t.params.index);
+            if slot.closing_since.is_some() && slot.in_flight.is_empty() {
+                tracing::warn!(
+                    pid = slot.pid,
+                    "closed worker did not exit in time; killing it"
+                );
+                slot.killed = Some(KillReason::Shutdown);
+                spawn::kill_group(slot.pid);
+                continue;
+            }
             if slot.ready {
                 tracing::info!(pid = slot.pid, task, "task timed out; killing its worker");
             } else {
@@ -1008,10 +1048,21 @@ impl<'a> Supervisor<'a> {
         }
         let task = slot.in_flight.pop_front().expect("front was checked");
         slot.front_seq += 1;
-        slot.running_since = Instant::now();
-        slot.peek_delay = PEEK_DELAY_MIN;
-        let pid = slot.pid;
         let duration = Duration::from_nanos(done.nanos);
+        // The next task started when this one ended, or when its frame was
+        // sent, whichever came later: not when this answer arrived, which
+        // for answers held in a batch can be much later.
+        let now = Instant::now();
+        let ended = slot.running_since.checked_add(duration).unwrap_or(now);
+        let next_sent = slot
+            .in_flight
+            .front()
+            .and_then(|t| t.sent_at)
+            .unwrap_or(now);
+        slot.running_since = ended.max(next_sent).min(now);
+        slot.peek_delay = PEEK_DELAY_MIN;
+        slot.next_peek = slot.running_since + PEEK_DELAY_MIN;
+        let pid = slot.pid;
         self.observe_task_time(duration);
 
         let message = || String::from_utf8_lossy(&done.payload).into_owned();
@@ -1351,9 +1402,7 @@ fn checked_output(output: Vec<u8>) -> Result<Vec<u8>, String> {
 /// When to look into the worker's reply buffer: only while it has tasks
 /// sent ahead of the running one, whose results it may hold.
 fn peek_at(slot: &WorkerSlot) -> Option<Instant> {
-    (slot.ready && slot.in_flight.len() >= 2)
-        .then(|| slot.running_since.checked_add(slot.peek_delay))
-        .flatten()
+    (slot.ready && slot.in_flight.len() >= 2).then_some(slot.next_peek)
 }
 
 fn out_of_memory(status: &io::Result<ExitStatus>) -> bool {
