@@ -166,7 +166,7 @@ async fn probe(executable: &Path, library: &plugin::PluginLibrary) -> Result<Plu
                         description: hello.description,
                     }),
                     WorkerMessage::LoadFailed(message) => Err(message),
-                    WorkerMessage::Done(_) => {
+                    WorkerMessage::Done(_) | WorkerMessage::Revoked(_) => {
                         Err(String::from("the worker answered a task it never got"))
                     }
                 };

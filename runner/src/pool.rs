@@ -78,6 +78,10 @@ pub const WINDOW_BUDGET: Duration = Duration::from_micros(500);
 /// before it is killed, when a timeout is set.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a task may run with others sent ahead to its worker before
+/// they are taken back.
+const REVOKE_AFTER: Duration = Duration::from_millis(10);
+
 /// How many task times the mean needs before the pool acts on it.
 const TRUSTED_SAMPLES: u64 = 16;
 
@@ -309,6 +313,10 @@ struct WorkerSlot {
     /// When the loop closed this idle worker; one that does not exit in
     /// time (a plugin whose teardown hangs) is killed.
     closing_since: Option<Instant>,
+    /// Set from sending a revoke until its answer: no task may be sent to
+    /// the worker meanwhile, or the answer's count would not say which
+    /// tasks were dropped.
+    revoking: bool,
     /// When the front task started, as far as the supervisor can tell.
     running_since: Instant,
     /// Set when the loop killed the worker; decides the running task's
@@ -617,7 +625,7 @@ impl<'a> Supervisor<'a> {
         let window = self.window();
         for pass_window in [1, window] {
             for slot in self.workers.values_mut() {
-                if !slot.ready || slot.killed.is_some() {
+                if !slot.ready || slot.killed.is_some() || slot.revoking {
                     continue;
                 }
                 let Some(frames) = &slot.frames else {
@@ -748,6 +756,7 @@ impl<'a> Supervisor<'a> {
                         peek_delay: PEEK_DELAY_MIN,
                         next_peek: Instant::now(),
                         closing_since: None,
+                        revoking: false,
                         running_since: Instant::now(),
                         killed: None,
                         broken: None,
@@ -856,6 +865,7 @@ impl<'a> Supervisor<'a> {
 
         for id in peeks {
             if self.settle_held_replies(id) == 0 {
+                self.revoke_behind_a_slow_task(id, now);
                 if let Some(slot) = self.workers.get_mut(&id) {
                     slot.peek_delay = (slot.peek_delay * 2).min(PEEK_DELAY_MAX);
                     slot.next_peek = now + slot.peek_delay;
@@ -871,6 +881,60 @@ impl<'a> Supervisor<'a> {
         if let Err(error) = self.sink.flush() {
             self.fail(PoolError::Results(error), true);
         }
+    }
+
+    /// Takes back the tasks sent ahead to a worker whose running task has
+    /// run for [`REVOKE_AFTER`] or more, so that they do not wait behind it
+    /// while other workers could run them. The long task also counts
+    /// towards the mean task time, which shrinks the send window at once.
+    fn revoke_behind_a_slow_task(&mut self, worker: u64, now: Instant) {
+        let Some(slot) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let running_for = now.saturating_duration_since(slot.running_since);
+        if slot.revoking || slot.in_flight.len() < 2 || running_for < REVOKE_AFTER {
+            return;
+        }
+        let Some(frames) = &slot.frames else {
+            return;
+        };
+        let mut frame = Vec::new();
+        protocol::encode_revoke(&mut frame, slot.front_seq + 1);
+        if frames.send(frame).is_ok() {
+            slot.revoking = true;
+            tracing::debug!(
+                pid = slot.pid,
+                queued = slot.in_flight.len() - 1,
+                "revoking tasks behind a slow one"
+            );
+        }
+        self.observe_task_time(running_for);
+    }
+
+    /// Puts the tasks a worker dropped on a revoke back in the queue,
+    /// uncharged and in their order.
+    fn on_revoked(&mut self, worker: u64, dropped: u64) {
+        let Some(slot) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        if !slot.revoking || dropped as usize > slot.in_flight.len() {
+            self.retire(
+                worker,
+                format!("answered a revoke it was not sent ({dropped} dropped)"),
+            );
+            return;
+        }
+        slot.revoking = false;
+        for _ in 0..dropped {
+            let mut task = slot.in_flight.pop_back().expect("counted above");
+            task.attempts -= 1;
+            task.sent_at = None;
+            self.queue.push_front(task);
+        }
+        // Frame numbers of dropped tasks were never answered, and are
+        // given out again, so that `in_flight` stays numbered without gaps.
+        slot.next_seq = slot.front_seq + slot.in_flight.len() as u64;
+        tracing::debug!(pid = slot.pid, dropped, "revoked tasks back in the queue");
     }
 
     fn kill_overdue(&mut self, overdue: Vec<u64>, timeout: Duration, now: Instant) {
@@ -991,6 +1055,7 @@ impl<'a> Supervisor<'a> {
                 self.fail(error, true);
             }
             WorkerMessage::Done(done) => self.on_done(worker, done),
+            WorkerMessage::Revoked(dropped) => self.on_revoked(worker, dropped),
         }
     }
 

@@ -11,6 +11,8 @@
 //! | 2    | worker → supervisor | load failed: a UTF-8 message                             |
 //! | 3    | supervisor → worker | task: `u64` frame number, `u64` task index, params' JSON  |
 //! | 4    | worker → supervisor | done: `u64` id, `u32` status, `u64` nanoseconds, payload  |
+//! | 5    | supervisor → worker | revoke: `u64` frame number; drop unstarted tasks from it on |
+//! | 6    | worker → supervisor | revoked: `u64` how many unstarted tasks were dropped      |
 //!
 //! Strings in a hello are a `u32` length followed by UTF-8 bytes. The
 //! supervisor ends a worker by shutting its side of the socket: a worker that
@@ -34,6 +36,8 @@ const KIND_HELLO: u8 = 1;
 const KIND_LOAD_FAILED: u8 = 2;
 const KIND_TASK: u8 = 3;
 const KIND_DONE: u8 = 4;
+const KIND_REVOKE: u8 = 5;
+const KIND_REVOKED: u8 = 6;
 
 /// What a worker says once its plugin is loaded and set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +78,18 @@ pub enum WorkerMessage {
     LoadFailed(String),
     /// A task ended.
     Done(Done),
+    /// Answers a revoke: the last `0` tasks sent were dropped unstarted.
+    Revoked(u64),
+}
+
+/// A message from the supervisor to a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SupervisorMessage<'a> {
+    /// Run this task.
+    Task(TaskFrame<'a>),
+    /// Do not start the tasks numbered from this one on; say how many were
+    /// dropped.
+    Revoke(u64),
 }
 
 /// A task, from supervisor to worker.
@@ -293,6 +309,11 @@ pub fn encode_worker_message(out: &mut Vec<u8>, message: &WorkerMessage) {
         WorkerMessage::Done(done) => {
             encode_done(out, done.id, done.status, done.nanos, &done.payload)
         }
+        WorkerMessage::Revoked(dropped) => {
+            let start = begin(out, KIND_REVOKED);
+            out.extend_from_slice(&dropped.to_le_bytes());
+            finish(out, start);
+        }
     }
 }
 
@@ -394,11 +415,38 @@ pub fn decode_worker_message(body: &[u8]) -> Result<WorkerMessage, FrameError> {
             nanos: cursor.u64()?,
             payload: cursor.rest.to_vec(),
         })),
+        KIND_REVOKED => {
+            let dropped = cursor.u64()?;
+            cursor.end()?;
+            Ok(WorkerMessage::Revoked(dropped))
+        }
         other => Err(FrameError::UnknownKind(other)),
     }
 }
 
+/// Appends a revoke frame to `out`.
+pub fn encode_revoke(out: &mut Vec<u8>, from: u64) {
+    let start = begin(out, KIND_REVOKE);
+    out.extend_from_slice(&from.to_le_bytes());
+    finish(out, start);
+}
+
 /// Decodes a body sent by the supervisor.
+///
+/// # Errors
+///
+/// A [`FrameError`] for any body that is not one supervisor message.
+pub fn decode_supervisor_message(body: &[u8]) -> Result<SupervisorMessage<'_>, FrameError> {
+    let mut cursor = split_kind(body)?;
+    if cursor.kind == KIND_REVOKE {
+        let from = cursor.u64()?;
+        cursor.end()?;
+        return Ok(SupervisorMessage::Revoke(from));
+    }
+    decode_task(body).map(SupervisorMessage::Task)
+}
+
+/// Decodes a task frame sent by the supervisor.
 ///
 /// # Errors
 ///

@@ -13,6 +13,7 @@
 //! or carried something that is no frame, [`EXIT_OUT_OF_MEMORY`] when an
 //! allocation failed under the memory limit.
 
+use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::fs::File;
 use std::io::{BufReader, Write};
@@ -23,7 +24,8 @@ use std::time::Instant;
 use plugin_api::{ABI_VERSION, DeclarationHeader, MAGIC, TaskDeclaration};
 
 use crate::protocol::{
-    self, FrameReader, Hello, LIBRARY_FD, PROTOCOL_VERSION, WORKER_FD, WorkerMessage,
+    self, FrameReader, Hello, LIBRARY_FD, PROTOCOL_VERSION, SupervisorMessage, WORKER_FD,
+    WorkerMessage,
 };
 use crate::staging::{self, ReplyBuffer};
 
@@ -304,14 +306,53 @@ fn serve(tag: bool) -> i32 {
     let mut held = 0usize;
     let mut body = Vec::with_capacity(4096);
     let mut output = Vec::with_capacity(4096);
+    let mut pending: VecDeque<PendingTask> = VecDeque::new();
     loop {
-        match reader.read_body(&mut body) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(_) => return EXIT_PROTOCOL,
+        // Take in every frame that is already here before the next call, so
+        // that a revoke is seen before the tasks it takes back start. With
+        // nothing to do, wait for a frame.
+        loop {
+            let waiting = reader.buffered() > 0 || staging::pending_input(&*socket) > 0;
+            if !pending.is_empty() && !waiting {
+                break;
+            }
+            match reader.read_body(&mut body) {
+                Ok(true) => {}
+                Ok(false) if pending.is_empty() => {
+                    // SAFETY: the state came from setup and is dropped once,
+                    // after the last call.
+                    unsafe { (plugin.declaration.teardown)(plugin.state) };
+                    return 0;
+                }
+                Ok(false) => break,
+                Err(_) => return EXIT_PROTOCOL,
+            }
+            match protocol::decode_supervisor_message(&body) {
+                Ok(SupervisorMessage::Task(task)) => pending.push_back(PendingTask {
+                    id: task.id,
+                    index: task.index,
+                    params: task.params.to_vec(),
+                }),
+                Ok(SupervisorMessage::Revoke(from)) => {
+                    let keep = pending.iter().take_while(|t| t.id < from).count();
+                    let dropped = (pending.len() - keep) as u64;
+                    pending.truncate(keep);
+                    // Answers held go first, so the supervisor settles them
+                    // before it takes the dropped tasks back.
+                    frame.clear();
+                    protocol::encode_worker_message(&mut frame, &WorkerMessage::Revoked(dropped));
+                    if send_replies(&mut writer, &mut replies).is_err()
+                        || writer.write_all(&frame).is_err()
+                    {
+                        return EXIT_PROTOCOL;
+                    }
+                    held = 0;
+                }
+                Err(_) => return EXIT_PROTOCOL,
+            }
         }
-        let Ok(task) = protocol::decode_task(&body) else {
-            return EXIT_PROTOCOL;
+        let Some(task) = pending.pop_front() else {
+            continue;
         };
 
         output.clear();
@@ -352,7 +393,8 @@ fn serve(tag: bool) -> i32 {
         // Send when the worker would wait for its next task, and bound how
         // many answers wait: the supervisor counts time for timeouts from
         // the answers it sees.
-        let more_input = reader.buffered() > 0 || staging::pending_input(&*socket) > 0;
+        let more_input =
+            !pending.is_empty() || reader.buffered() > 0 || staging::pending_input(&*socket) > 0;
         if !more_input || held >= MAX_HELD {
             if send_replies(&mut writer, &mut replies).is_err() {
                 return EXIT_PROTOCOL;
@@ -360,9 +402,11 @@ fn serve(tag: bool) -> i32 {
             held = 0;
         }
     }
+}
 
-    // SAFETY: the state came from setup and is dropped once, after the last
-    // call.
-    unsafe { (plugin.declaration.teardown)(plugin.state) };
-    0
+/// A task read from the socket, not started yet.
+struct PendingTask {
+    id: u64,
+    index: u64,
+    params: Vec<u8>,
 }

@@ -413,3 +413,157 @@ fn stdin_tasks_read_before_a_bad_line_still_run() {
     let records = by_index(&read_results(&results));
     check!(run, records.keys().copied().collect::<Vec<_>>() == [0, 1]);
 }
+
+/// `count` tiny tasks, then one sleeping `ms`, then `count` tiny tasks.
+fn tiny_slow_tiny(count: usize, ms: u64) -> Vec<Value> {
+    let mut params: Vec<Value> = (0..count)
+        .map(|i| json!({"do": "ok", "value": i}))
+        .collect();
+    params.push(json!({"do": "sleep", "ms": ms}));
+    params.extend((0..count).map(|i| json!({"do": "ok", "value": i})));
+    params
+}
+
+/// The runner's own CPU time, from /proc.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field(11) + field(12)) / ticks
+}
+
+#[test]
+fn a_long_task_behind_tiny_ones_leaves_the_supervisor_idle() {
+    let work = work_dir_with(&["faulty"]);
+    let (command, _) = faulty_command(work.path(), &tiny_slow_tiny(300, 4000), &["-j", "1"]);
+    let background = Background::start(command);
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = cpu_seconds(background.pid());
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = cpu_seconds(background.pid()) - before;
+    let run = background.wait(Duration::from_secs(20));
+    check!(run, run.code() == Some(0));
+    check!(
+        run,
+        used < 0.1,
+        "the supervisor spent {used:.2} s of CPU waiting"
+    );
+}
+
+#[test]
+fn a_timeout_is_not_charged_to_the_task_after_a_held_answer() {
+    let work = work_dir_with(&["faulty"]);
+    let mut params: Vec<Value> = (0..300).map(|i| json!({"do": "ok", "value": i})).collect();
+    params.push(json!({"do": "sleep", "ms": 700}));
+    params.push(json!({"do": "sleep", "ms": 700}));
+    params.extend((0..300).map(|i| json!({"do": "ok", "value": i})));
+    let args = ["-j", "1", "--timeout", "1s", "--retries", "0"];
+    let (command, results) = faulty_command(work.path(), &params, &args);
+    let run = crate::util::run(command, Duration::from_secs(30));
+    check!(
+        run,
+        run.code() == Some(0),
+        "a task was charged a timeout it did not run into"
+    );
+    check!(run, read_results(&results).len() == 602);
+}
+
+#[test]
+fn answers_settled_during_a_long_task_reach_the_file_before_a_kill() {
+    let work = work_dir_with(&["faulty"]);
+    let (command, results) =
+        faulty_command(work.path(), &tiny_slow_tiny(300, 20_000), &["-j", "1"]);
+    let background = Background::start(command);
+    std::thread::sleep(Duration::from_millis(1500));
+    background.signal(libc::SIGKILL);
+    let run = background.wait(Duration::from_secs(10));
+    check!(run, run.status.code().is_none());
+    let records = by_index(&read_results(&results));
+    check!(
+        run,
+        records.len() == 300,
+        "{} of 300 finished tasks recorded",
+        records.len()
+    );
+}
+
+#[test]
+fn tasks_sent_ahead_of_a_slow_one_are_taken_back_for_idle_workers() {
+    let work = work_dir_with(&["faulty"]);
+    let mut params: Vec<Value> = (0..40).map(|i| json!({"do": "ok", "value": i})).collect();
+    params.extend((0..64).map(|_| json!({"do": "sleep", "ms": 200})));
+    let (command, results) = faulty_command(work.path(), &params, &["-j", "8"]);
+    let run = crate::util::run(command, Duration::from_secs(30));
+    check!(run, run.code() == Some(0));
+    check!(run, read_results(&results).len() == 104);
+    // 12.8 s of sleeps on one worker; 1.6 s on eight.
+    check!(
+        run,
+        run.elapsed < Duration::from_secs(4),
+        "took {:?}",
+        run.elapsed
+    );
+    check!(
+        run,
+        records_attempts_all_one(&results),
+        "a taken-back task was charged"
+    );
+}
+
+fn records_attempts_all_one(results: &std::path::Path) -> bool {
+    read_results(results).iter().all(|r| r["attempts"] == 1)
+}
+
+#[test]
+fn a_worker_whose_teardown_hangs_is_killed_after_the_last_task() {
+    let work = work_dir_with(&["faulty"]);
+    let params: Vec<Value> = (0..10).map(|i| json!({"do": "ok", "value": i})).collect();
+    let (mut command, results) = faulty_command(work.path(), &params, &["--timeout", "1s"]);
+    command.env("FAULTY_TEARDOWN", "hang");
+    let run = crate::util::run(command, Duration::from_secs(30));
+    check!(run, run.code() == Some(0));
+    check!(
+        run,
+        run.elapsed < Duration::from_secs(8),
+        "took {:?}",
+        run.elapsed
+    );
+    check!(run, read_results(&results).len() == 10);
+    check!(
+        run,
+        run.stderr
+            .contains("closed worker did not exit in time; killing it")
+    );
+    run.assert_no_leftovers();
+}
+
+#[test]
+fn a_hard_link_to_the_params_file_is_no_results_file() {
+    let work = work_dir_with(&["test"]);
+    let params = write_lines(work.path(), "params.jsonl", &[json!(1), json!(2)]);
+    let link = work.path().join("results.jsonl");
+    std::fs::hard_link(&params, &link).unwrap();
+    let mut command = runner();
+    command
+        .args(["--task", "test", "--params"])
+        .arg(&params)
+        .arg("--results")
+        .arg(&link)
+        .arg("--work-dir")
+        .arg(work.path());
+    let run = crate::util::run(command, Duration::from_secs(20));
+    check!(run, run.code() == Some(2));
+    check!(run, run.stderr.contains("is the params file"));
+    check!(run, std::fs::read_to_string(&params).unwrap() == "1\n2\n");
+}

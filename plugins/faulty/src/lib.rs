@@ -28,7 +28,8 @@
 //!
 //! The environment variable `FAULTY_SETUP` makes the per-worker setup
 //! misbehave: `hang` sleeps for an hour, `fail` returns an error, `empty`
-//! returns an error with no message.
+//! returns an error with no message. `FAULTY_TEARDOWN=hang` makes the
+//! worker's state hang for an hour when it is dropped, as the worker ends.
 //!
 //! `write` writes the bytes given as hex in `hex` to descriptor `fd`, to
 //! forge protocol frames.
@@ -163,16 +164,32 @@ fn write_fd(fd: i32, bytes: &[u8]) {
     }
 }
 
+/// The per-worker state; its drop hangs when `FAULTY_TEARDOWN=hang`.
+pub struct State {
+    hang_on_drop: bool,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if self.hang_on_drop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
 /// The per-worker setup, steered by `FAULTY_SETUP`.
-pub fn setup() -> Result<(), String> {
+pub fn setup() -> Result<State, String> {
+    let state = State {
+        hang_on_drop: std::env::var("FAULTY_TEARDOWN").as_deref() == Ok("hang"),
+    };
     match std::env::var("FAULTY_SETUP").as_deref() {
         Ok("hang") => {
             std::thread::sleep(Duration::from_secs(3600));
-            Ok(())
+            Ok(state)
         }
         Ok("fail") => Err(String::from("FAULTY_SETUP asked setup to fail")),
         Ok("empty") => Err(String::new()),
-        _ => Ok(()),
+        _ => Ok(state),
     }
 }
 
@@ -183,7 +200,7 @@ fn from_hex(hex: &str) -> Vec<u8> {
 }
 
 /// Does what `params` says.
-pub fn run(_state: &mut (), params: Params) -> Result<Value, TaskError> {
+pub fn run(_state: &mut State, params: Params) -> Result<Value, TaskError> {
     if let Some(log) = &params.log {
         let line = format!("{}\n", params.value);
         std::fs::OpenOptions::new()
