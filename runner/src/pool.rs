@@ -946,7 +946,7 @@ impl<'a> Supervisor<'a> {
             let Some(slot) = self.workers.get(&id) else {
                 continue;
             };
-            if slot.killed.is_some() || !self.timeout_at(slot).is_some_and(|at| at <= now) {
+            if slot.killed.is_some() || self.timeout_at(slot).is_none_or(|at| at > now) {
                 continue;
             }
             let slot = self.workers.get_mut(&id).expect("looked up above");
