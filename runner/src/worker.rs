@@ -239,6 +239,10 @@ fn mark_task(index: u64) {
     }
 }
 
+/// How often, at most, a worker with tasks in hand asks its socket for
+/// more frames.
+const LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// The most answers held back before they are sent.
 const MAX_HELD: usize = 64;
 
@@ -307,12 +311,21 @@ fn serve(tag: bool) -> i32 {
     let mut body = Vec::with_capacity(4096);
     let mut output = Vec::with_capacity(4096);
     let mut pending: VecDeque<PendingTask> = VecDeque::new();
+    let mut arena: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut last_look = Instant::now();
     loop {
         // Take in every frame that is already here before the next call, so
         // that a revoke is seen before the tasks it takes back start. With
         // nothing to do, wait for a frame.
         loop {
-            let waiting = reader.buffered() > 0 || staging::pending_input(&*socket) > 0;
+            // Asking the socket costs a system call; between tiny tasks it
+            // is asked at most once a millisecond, which is soon enough for
+            // a revoke, sent only after a task ran 10 ms.
+            let waiting = reader.buffered() > 0
+                || (last_look.elapsed() >= LOOK_EVERY && {
+                    last_look = Instant::now();
+                    staging::pending_input(&*socket) > 0
+                });
             if !pending.is_empty() && !waiting {
                 break;
             }
@@ -328,11 +341,20 @@ fn serve(tag: bool) -> i32 {
                 Err(_) => return EXIT_PROTOCOL,
             }
             match protocol::decode_supervisor_message(&body) {
-                Ok(SupervisorMessage::Task(task)) => pending.push_back(PendingTask {
-                    id: task.id,
-                    index: task.index,
-                    params: task.params.to_vec(),
-                }),
+                Ok(SupervisorMessage::Task(task)) => {
+                    // All pending params share one buffer, emptied when no
+                    // task is pending: no allocation per task.
+                    if pending.is_empty() {
+                        arena.clear();
+                    }
+                    let start = arena.len();
+                    arena.extend_from_slice(task.params);
+                    pending.push_back(PendingTask {
+                        id: task.id,
+                        index: task.index,
+                        params: start..arena.len(),
+                    });
+                }
                 Ok(SupervisorMessage::Revoke(from)) => {
                     let keep = pending.iter().take_while(|t| t.id < from).count();
                     let dropped = (pending.len() - keep) as u64;
@@ -363,11 +385,12 @@ fn serve(tag: bool) -> i32 {
         // SAFETY: `state` came from this declaration's setup and is not torn
         // down; `params` is a live slice; `collect` and `output` are the sink
         // pair, and `output` outlives the call.
+        let params = &arena[task.params.clone()];
         let status = unsafe {
             (plugin.declaration.call)(
                 plugin.state,
-                task.params.as_ptr(),
-                task.params.len(),
+                params.as_ptr(),
+                params.len(),
                 collect,
                 (&raw mut output).cast(),
             )
@@ -408,5 +431,6 @@ fn serve(tag: bool) -> i32 {
 struct PendingTask {
     id: u64,
     index: u64,
-    params: Vec<u8>,
+    /// Where its params sit in the worker's params buffer.
+    params: std::ops::Range<usize>,
 }
