@@ -381,11 +381,11 @@ fn serve(tag: bool) -> i32 {
         if tag {
             mark_task(task.index);
         }
+        let params = &arena[task.params.clone()];
         let started = Instant::now();
         // SAFETY: `state` came from this declaration's setup and is not torn
         // down; `params` is a live slice; `collect` and `output` are the sink
         // pair, and `output` outlives the call.
-        let params = &arena[task.params.clone()];
         let status = unsafe {
             (plugin.declaration.call)(
                 plugin.state,
