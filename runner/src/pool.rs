@@ -1139,12 +1139,7 @@ impl<'a> Supervisor<'a> {
                 }
                 Err(problem) => {
                     let message = format!("worker pid {pid} returned {problem}");
-                    let ending = Ending {
-                        kind: EndingKind::Lost,
-                        message: message.clone(),
-                    };
-                    self.settle(task, duration, ending);
-                    self.retire(worker, message);
+                    self.lose_to_a_broken_answer(worker, task, duration, message);
                     return;
                 }
             },
@@ -1154,12 +1149,7 @@ impl<'a> Supervisor<'a> {
             Some(CallStatus::BadParams) => EndingKind::BadParams,
             None => {
                 let message = format!("worker pid {pid} sent unknown call status {}", done.status);
-                let ending = Ending {
-                    kind: EndingKind::Lost,
-                    message: message.clone(),
-                };
-                self.settle(task, duration, ending);
-                self.retire(worker, message);
+                self.lose_to_a_broken_answer(worker, task, duration, message);
                 return;
             }
         };
@@ -1169,6 +1159,23 @@ impl<'a> Supervisor<'a> {
             _ => message(),
         };
         self.settle(task, duration, Ending { kind, message });
+    }
+
+    /// A task whose answer broke the protocol ends `lost`, and its worker
+    /// is replaced.
+    fn lose_to_a_broken_answer(
+        &mut self,
+        worker: u64,
+        task: Task,
+        duration: Duration,
+        message: String,
+    ) {
+        let ending = Ending {
+            kind: EndingKind::Lost,
+            message: message.clone(),
+        };
+        self.settle(task, duration, ending);
+        self.retire(worker, message);
     }
 
     fn on_broken(&mut self, worker: u64, reason: String) {
