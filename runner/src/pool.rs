@@ -78,6 +78,9 @@ pub const WINDOW_BUDGET: Duration = Duration::from_micros(500);
 /// before it is killed, when a timeout is set.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// The time a closed worker gets to exit when no timeout is set.
+const CLOSE_GRACE_UNTIMED: Duration = Duration::from_secs(10);
+
 /// How long a task may run with others sent ahead to its worker before
 /// they are taken back.
 const REVOKE_AFTER: Duration = Duration::from_millis(10);
@@ -281,7 +284,8 @@ struct Task {
 /// Why the loop killed a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum KillReason {
-    Timeout(Duration),
+    /// The task with this frame number ran past this limit.
+    Timeout(Duration, u64),
     /// It broke the protocol between tasks; what it had goes back unchanged.
     Retire(String),
     Shutdown,
@@ -831,15 +835,22 @@ impl<'a> Supervisor<'a> {
     /// When the worker's running task (or, before its hello, its start)
     /// runs out of time; `None` without a timeout, or past the end of time.
     fn timeout_at(&self, slot: &WorkerSlot) -> Option<Instant> {
+        // A closed worker exits at once unless its plugin's teardown hangs.
+        if let Some(closing) = slot.closing_since.filter(|_| slot.in_flight.is_empty()) {
+            let grace = match self.options.timeout {
+                Some(timeout) => timeout.max(CLOSE_GRACE),
+                None => CLOSE_GRACE_UNTIMED,
+            };
+            return closing.checked_add(grace);
+        }
         let timeout = self.options.timeout?;
         let starting = !slot.ready && slot.frames.is_some();
         let running = slot.ready && !slot.in_flight.is_empty();
         if starting || running {
-            return slot.running_since.checked_add(timeout);
+            slot.running_since.checked_add(timeout)
+        } else {
+            None
         }
-        // A closed worker exits at once unless its plugin's teardown hangs.
-        let closing = slot.closing_since.filter(|_| slot.in_flight.is_empty())?;
-        closing.checked_add(timeout.max(CLOSE_GRACE))
     }
 
     fn on_deadline(&mut self) {
@@ -873,9 +884,7 @@ impl<'a> Supervisor<'a> {
             }
         }
 
-        if let Some(timeout) = self.options.timeout {
-            self.kill_overdue(overdue, timeout, now);
-        }
+        self.kill_overdue(overdue, now);
         // Records settled here, from reply buffers, must not wait for the
         // next event to reach the file.
         if let Err(error) = self.sink.flush() {
@@ -937,7 +946,9 @@ impl<'a> Supervisor<'a> {
         tracing::debug!(pid = slot.pid, dropped, "revoked tasks back in the queue");
     }
 
-    fn kill_overdue(&mut self, overdue: Vec<u64>, timeout: Duration, now: Instant) {
+    fn kill_overdue(&mut self, overdue: Vec<u64>, now: Instant) {
+        // Only closed workers are overdue without a timeout.
+        let timeout = self.options.timeout.unwrap_or_default();
         for id in overdue {
             // Results the worker held are not the running task's: settle
             // them first, so the timeout lands on the task that ran long,
@@ -968,7 +979,7 @@ impl<'a> Supervisor<'a> {
                     "worker not ready within the timeout; killing it"
                 );
             }
-            slot.killed = Some(KillReason::Timeout(timeout));
+            slot.killed = Some(KillReason::Timeout(timeout, slot.front_seq));
             spawn::kill_group(slot.pid);
         }
     }
@@ -1266,7 +1277,7 @@ impl<'a> Supervisor<'a> {
         if !slot.ready {
             if !self.stopping {
                 let described = match (&slot.killed, self.options.limits.memory) {
-                    (Some(KillReason::Timeout(limit)), _) => format!(
+                    (Some(KillReason::Timeout(limit, _)), _) => format!(
                         "was not ready within the timeout of {}",
                         humantime::format_duration(*limit)
                     ),
@@ -1312,7 +1323,16 @@ impl<'a> Supervisor<'a> {
         }
 
         let ending = match slot.killed.take() {
-            Some(KillReason::Timeout(limit)) => Ending {
+            // The task that ran out of time finished after all, between the
+            // decision and the kill (its answer came from the reply
+            // buffer): the task after it did nothing wrong.
+            Some(KillReason::Timeout(_, seq)) if seq != slot.front_seq => {
+                let mut task = task;
+                task.attempts -= 1;
+                self.queue.push_front(task);
+                return;
+            }
+            Some(KillReason::Timeout(limit, _)) => Ending {
                 kind: EndingKind::Timeout,
                 message: format!(
                     "ran past the timeout of {}; worker pid {pid} was killed",

@@ -549,6 +549,30 @@ fn a_worker_whose_teardown_hangs_is_killed_after_the_last_task() {
 }
 
 #[test]
+fn without_a_timeout_a_hanging_teardown_is_killed_after_ten_seconds() {
+    let work = work_dir_with(&["faulty"]);
+    let params: Vec<Value> = (0..3).map(|i| json!({"do": "ok", "value": i})).collect();
+    let (mut command, results) = faulty_command(work.path(), &params, &["-j", "1"]);
+    command.env("FAULTY_TEARDOWN", "hang");
+    let run = crate::util::run(command, Duration::from_secs(40));
+    check!(run, run.code() == Some(0));
+    check!(
+        run,
+        run.elapsed >= Duration::from_secs(9),
+        "killed early: {:?}",
+        run.elapsed
+    );
+    check!(
+        run,
+        run.elapsed < Duration::from_secs(20),
+        "took {:?}",
+        run.elapsed
+    );
+    check!(run, read_results(&results).len() == 3);
+    run.assert_no_leftovers();
+}
+
+#[test]
 fn a_hard_link_to_the_params_file_is_no_results_file() {
     let work = work_dir_with(&["test"]);
     let params = write_lines(work.path(), "params.jsonl", &[json!(1), json!(2)]);
