@@ -273,7 +273,8 @@ impl TaskFailure for TaskError {
     }
 }
 
-/// Marks a display wrapper for messages that may be empty.
+/// Shows a message, or says that it is empty, so that a failure never
+/// reads as a blank.
 struct Fallback<'a>(&'a str);
 
 impl Display for Fallback<'_> {

@@ -194,7 +194,6 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     options.grace = settings.grace;
     options.limits = WorkerLimits {
         memory: settings.memory_limit,
-        nice: None,
     };
     options.output = if settings.quiet {
         OutputMode::Quiet

@@ -72,7 +72,6 @@ pub enum EmbedError {
 pub struct PoolBuilder {
     task: String,
     work_dir: PathBuf,
-    options: Option<PoolOptions>,
     workers: Option<usize>,
     timeout: Option<Duration>,
     retries: Option<u32>,
@@ -142,10 +141,7 @@ impl PoolBuilder {
     /// When the task cannot be found, built or checked.
     pub fn start(self) -> Result<Pool, EmbedError> {
         let library = plugin::prepare(&self.work_dir, &self.task)?;
-        let mut options = match self.options {
-            Some(options) => options,
-            None => PoolOptions::new().map_err(EmbedError::Executable)?,
-        };
+        let mut options = PoolOptions::new().map_err(EmbedError::Executable)?;
         if let Some(workers) = self.workers {
             options.workers = workers;
         }
@@ -154,7 +150,6 @@ impl PoolBuilder {
         options.grace = self.grace.unwrap_or(options.grace);
         options.limits = WorkerLimits {
             memory: self.memory_limit,
-            nice: None,
         };
         if let Some(executable) = self.executable {
             options.executable = executable;
@@ -220,7 +215,6 @@ impl Pool {
         PoolBuilder {
             task: task.into(),
             work_dir: PathBuf::from("plugins"),
-            options: None,
             workers: None,
             timeout: None,
             retries: None,

@@ -11,7 +11,7 @@
 //! 2. it asks the kernel for a signal when the supervisor thread dies
 //!    (`PR_SET_PDEATHSIG`, see [`death_signal`]), and exits at once if the
 //!    supervisor is already gone;
-//! 3. it applies the memory limit as `RLIMIT_AS` and the niceness.
+//! 3. it applies the memory limit as `RLIMIT_AS`.
 //!
 //! The child also becomes the leader of a new process group, so that killing
 //! the group kills whatever the plugin started, too.
@@ -43,8 +43,6 @@ use crate::worker::{TAG_ARG, WORKER_ARG};
 pub struct WorkerLimits {
     /// Address-space limit in bytes (`RLIMIT_AS`), if any.
     pub memory: Option<u64>,
-    /// Niceness added to the worker's priority, if any.
-    pub nice: Option<i32>,
 }
 
 /// A started worker process and the supervisor's end of its socket.
@@ -90,7 +88,7 @@ pub fn spawn_worker(
     let parent = unsafe { libc::getpid() };
     let death_signal = death_signal();
     // SAFETY: `prepare_child` calls only async-signal-safe functions (fcntl,
-    // dup2, close_range, prctl, getppid, setrlimit, setpriority, _exit) and
+    // dup2, close_range, prctl, getppid, setrlimit, _exit) and
     // touches no memory shared with other threads of the parent, which is
     // what a closure between fork and exec must respect.
     unsafe {
@@ -162,9 +160,6 @@ fn prepare_child(
                 rlim_max: bytes,
             };
             check(libc::setrlimit(libc::RLIMIT_AS, &limit))?;
-        }
-        if let Some(nice) = limits.nice {
-            check(libc::setpriority(libc::PRIO_PROCESS, 0, nice))?;
         }
     }
     Ok(())
