@@ -4,7 +4,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::util::{
-    by_index, processes_in_groups, read_results, run, runner, work_dir_with, write_lines,
+    by_index, processes_in_groups, read_results, run, runner, task_on_file, work_dir_with,
+    write_lines,
 };
 
 /// Runs 200 faulty tasks, `bad` at index 100 and `ok` with its index as
@@ -16,22 +17,13 @@ fn run_one_bad_among_200(bad: Value, retries: u32) -> (crate::util::Run, Value) 
     let params = write_lines(work.path(), "params.jsonl", &params);
     let results = work.path().join("results.jsonl");
 
-    let mut command = runner();
-    command
-        .args([
-            "--task",
-            "faulty",
-            "-j",
-            "2",
-            "--retries",
-            &retries.to_string(),
-        ])
-        .arg("--params")
-        .arg(&params)
-        .arg("--results")
-        .arg(&results)
-        .arg("--work-dir")
-        .arg(work.path());
+    let command = task_on_file(
+        "faulty",
+        work.path(),
+        &params,
+        &results,
+        &["-j", "2", "--retries", &retries.to_string()],
+    );
     let run = run(command, Duration::from_secs(60));
 
     let records = by_index(&read_results(&results));
@@ -122,15 +114,7 @@ fn a_task_that_crashes_once_succeeds_on_its_second_attempt() {
         &[json!({"do": "segfault", "once": marker, "value": 7})],
     );
     let results = work.path().join("r.jsonl");
-    let mut command = runner();
-    command
-        .args(["--task", "faulty"])
-        .arg("--params")
-        .arg(&params)
-        .arg("--results")
-        .arg(&results)
-        .arg("--work-dir")
-        .arg(work.path());
+    let command = task_on_file("faulty", work.path(), &params, &results, &[]);
     let run = run(command, Duration::from_secs(30));
 
     check!(run, run.code() == Some(0));
@@ -170,24 +154,13 @@ fn a_timeout_kills_the_worker_well_before_the_sleep_ends() {
         ],
     );
     let results = work.path().join("r.jsonl");
-    let mut command = runner();
-    command
-        .args([
-            "--task",
-            "faulty",
-            "--timeout",
-            "200ms",
-            "--retries",
-            "0",
-            "-j",
-            "2",
-        ])
-        .arg("--params")
-        .arg(&params)
-        .arg("--results")
-        .arg(&results)
-        .arg("--work-dir")
-        .arg(work.path());
+    let command = task_on_file(
+        "faulty",
+        work.path(),
+        &params,
+        &results,
+        &["--timeout", "200ms", "--retries", "0", "-j", "2"],
+    );
     let run = run(command, Duration::from_secs(9));
 
     check!(run, run.code() == Some(1));
@@ -235,15 +208,13 @@ fn permanent_errors_and_bad_params_are_not_retried() {
         ],
     );
     let results = work.path().join("r.jsonl");
-    let mut command = runner();
-    command
-        .args(["--task", "faulty", "--retries", "3"])
-        .arg("--params")
-        .arg(&params)
-        .arg("--results")
-        .arg(&results)
-        .arg("--work-dir")
-        .arg(work.path());
+    let command = task_on_file(
+        "faulty",
+        work.path(),
+        &params,
+        &results,
+        &["--retries", "3"],
+    );
     let run = run(command, Duration::from_secs(30));
 
     check!(run, run.code() == Some(1));

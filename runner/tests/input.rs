@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use crate::util::{plugins_dir, read_results, run, runner, work_dir_with};
+use crate::util::{plugins_dir, read_results, run, runner, task_on_file, work_dir_with};
 
 #[test]
 fn a_plugin_for_another_abi_version_is_refused_before_any_task() {
@@ -65,15 +65,7 @@ fn invalid_json_on_line_7_names_line_7_and_runs_nothing() {
     let params = work.path().join("params.jsonl");
     std::fs::write(&params, "1\n2\n3\n4\n5\n6\n{\"broken\": \n8\n").unwrap();
     let results = work.path().join("r.jsonl");
-    let mut command = runner();
-    command
-        .args(["--task", "test"])
-        .arg("--params")
-        .arg(&params)
-        .arg("--results")
-        .arg(&results)
-        .arg("--work-dir")
-        .arg(work.path());
+    let command = task_on_file("test", work.path(), &params, &results, &[]);
     let run = run(command, Duration::from_secs(30));
 
     check!(run, run.code() == Some(2));

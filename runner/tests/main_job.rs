@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::util::{
-    by_index, plugins_dir, read_results, run, run_with_input, runner, work_dir_with, write_lines,
+    by_index, plugins_dir, read_results, run, run_with_input, runner, work_dir_with,
 };
 
 #[test]
@@ -134,5 +134,4 @@ fn a_json_array_file_gives_one_task_per_element() {
         outputs,
         [&json!([1, 2]), &json!({"a": [3, 4]}), &json!("five")]
     );
-    let _ = write_lines;
 }

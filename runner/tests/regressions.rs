@@ -94,7 +94,6 @@ fn a_worker_killed_from_outside_is_a_crash_with_that_signal() {
 #[test]
 fn a_child_in_the_worker_group_dies_with_a_killed_runner() {
     let work = work_dir_with(&["faulty"]);
-    let pidfile = work.path().join("child.pid");
     let params = [
         json!({"do": "orphan", "ms": 60_000}),
         json!({"do": "sleep", "ms": 60_000}),
@@ -104,11 +103,24 @@ fn a_child_in_the_worker_group_dies_with_a_killed_runner() {
     background.wait_until(Duration::from_secs(20), "the second task", || {
         background.stderr_so_far().contains("dispatched task=1")
     });
+    // The worker and the child it forked share the worker's group.
+    let stderr = background.stderr_so_far();
+    let groups: BTreeSet<u32> = stderr
+        .lines()
+        .filter_map(|l| l.split("spawned worker pid=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    let before = processes_in_groups(&groups);
+    assert!(
+        before.len() >= 2,
+        "no child alive in the worker's group: {before:?}"
+    );
     background.signal(libc::SIGKILL);
     let killed = background.wait(Duration::from_secs(5));
-    let _ = pidfile;
-
-    let groups: BTreeSet<u32> = killed.worker_pids().into_iter().collect();
+    check!(
+        killed,
+        killed.worker_pids().into_iter().collect::<BTreeSet<u32>>() == groups
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while !processes_in_groups(&groups).is_empty() {
         let left = processes_in_groups(&groups);

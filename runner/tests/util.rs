@@ -387,15 +387,30 @@ pub fn count_lines(path: &Path) -> usize {
 pub fn faulty_command(work: &Path, params: &[Value], extra: &[&str]) -> (Command, PathBuf) {
     let params = write_lines(work, "params.jsonl", params);
     let results = work.join("results.jsonl");
+    (
+        task_on_file("faulty", work, &params, &results, extra),
+        results,
+    )
+}
+
+/// A command running `task` of `work` on a params file, recording to
+/// `results`, with `extra` options.
+pub fn task_on_file(
+    task: &str,
+    work: &Path,
+    params: &Path,
+    results: &Path,
+    extra: &[&str],
+) -> Command {
     let mut command = runner();
     command
-        .args(["--task", "faulty"])
+        .args(["--task", task])
         .args(extra)
         .arg("--params")
-        .arg(&params)
+        .arg(params)
         .arg("--results")
-        .arg(&results)
+        .arg(results)
         .arg("--work-dir")
         .arg(work);
-    (command, results)
+    command
 }
