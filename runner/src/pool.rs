@@ -332,7 +332,7 @@ struct WorkerSlot {
     /// it lived on.
     killed_for_broken: bool,
     /// The worker's reply buffer, read for answers it held when it died.
-    staging: std::os::fd::OwnedFd,
+    staging: std::fs::File,
 }
 
 #[derive(Debug)]

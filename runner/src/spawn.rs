@@ -54,7 +54,7 @@ pub struct SpawnedWorker {
     pub socket: UnixStream,
     /// The worker's reply buffer (see [`crate::staging`]), read when the
     /// worker dies.
-    pub staging: OwnedFd,
+    pub staging: std::fs::File,
 }
 
 /// Starts one worker.

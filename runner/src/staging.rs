@@ -44,16 +44,16 @@ const HEADER: usize = 16;
 /// # Errors
 ///
 /// When the memory file cannot be made.
-pub fn create() -> io::Result<OwnedFd> {
+pub fn create() -> io::Result<File> {
     // SAFETY: the name is a valid C string; the call has no other inputs.
     let fd = unsafe { libc::memfd_create(c"runner-replies".as_ptr(), libc::MFD_CLOEXEC) };
     if fd == -1 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: memfd_create returned a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    File::from(fd.try_clone()?).set_len((HEADER + CAPACITY) as u64)?;
-    Ok(fd)
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len((HEADER + CAPACITY) as u64)?;
+    Ok(file)
 }
 
 /// The frames a worker holds in its buffer, or `None` when the worker was
@@ -65,8 +65,7 @@ pub fn create() -> io::Result<OwnedFd> {
 /// # Errors
 ///
 /// When the memory file cannot be read.
-pub fn peek(fd: &OwnedFd) -> io::Result<Option<Vec<u8>>> {
-    let file = File::from(fd.try_clone()?);
+pub fn peek(file: &File) -> io::Result<Option<Vec<u8>>> {
     let mut header = [0u8; HEADER];
     file.read_exact_at(&mut header, 0)?;
     let (len, generation) = split_header(header);
