@@ -135,3 +135,20 @@ fn a_json_array_file_gives_one_task_per_element() {
         [&json!([1, 2]), &json!({"a": [3, 4]}), &json!("five")]
     );
 }
+
+#[test]
+fn cargo_run_in_the_workspace_runs_the_runner() {
+    // The README's first command is `cargo run --release -p runner -- ...`;
+    // with two binaries in the package, cargo must know which one.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command
+        .args(["run", "-q", "-p", "runner", "--", "--version"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    let run = run(command, Duration::from_secs(300));
+    check!(run, run.code() == Some(0));
+    check!(
+        run,
+        run.stdout.trim() == concat!("runner ", env!("CARGO_PKG_VERSION"))
+    );
+}
